@@ -1,0 +1,1 @@
+"""vgf-prob: Value Gradient Flow."""
