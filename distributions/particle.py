@@ -1,0 +1,135 @@
+"""The result of a value gradient flow: a weighted particle cloud per state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from pyro.distributions import Empirical
+from torch import Tensor
+
+SELECTION_RULES = ("argmax", "softmax", "uniform")
+
+
+@dataclass
+class TransportReport:
+    """What a flow spent, per state (shapes follow the batch of the policy).
+
+    steps: flow steps taken (for an ODE solve, its time allowance in step units); displacement:
+    sqrt((1/N) sum_i ||x_i - x_i^0||^2), an exact upper bound on W2 to the cloud the flow started from;
+    budget_spent: the measure of each budget of the flow (e.g. ``{"sinkhorn": ...}``); exhausted: states
+    that stopped because a budget's limit was reached.
+    """
+
+    steps: Tensor
+    displacement: Tensor
+    exhausted: Tensor
+    budget_spent: dict[str, Tensor] = field(default_factory=dict)
+
+    def reshape(self, batch_shape: torch.Size) -> TransportReport:
+        return TransportReport(
+            steps=self.steps.reshape(batch_shape),
+            displacement=self.displacement.reshape(batch_shape),
+            exhausted=self.exhausted.reshape(batch_shape),
+            budget_spent={k: v.reshape(batch_shape) for k, v in self.budget_spent.items()},
+        )
+
+
+class ParticlePolicy(Empirical):
+    """pi(a | s) = sum_i w_i delta(a - x_i): particles [*B, N, A] with log-weights [*B, N] (pyro Empirical).
+
+    ``select`` turns the cloud into one action per state: ``argmax`` of a value over particles (how VGF
+    acts), ``softmax`` sampling with probabilities ∝ exp(Q / temperature), or ``uniform`` sampling.
+    ``reference_particles`` is the cloud the flow started from and ``report`` what the flow spent.
+    """
+
+    def __init__(
+        self,
+        particles: Tensor,
+        log_weights: Tensor | None = None,
+        reference_particles: Tensor | None = None,
+        report: TransportReport | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        if particles.dim() < 2:
+            raise ValueError(f"particles must have shape [*batch, N, A]; got {tuple(particles.shape)}")
+        if log_weights is None:
+            log_weights = torch.zeros(particles.shape[:-1], dtype=particles.dtype, device=particles.device)
+        if reference_particles is not None and reference_particles.shape != particles.shape:
+            raise ValueError(
+                f"reference_particles {tuple(reference_particles.shape)} must match particles {tuple(particles.shape)}"
+            )
+        super().__init__(particles, log_weights, validate_args=validate_args)
+        self.reference_particles = reference_particles
+        self.report = report
+
+    @property
+    def particles(self) -> Tensor:
+        return self._samples
+
+    @property
+    def log_weights(self) -> Tensor:
+        return self._log_weights
+
+    @property
+    def num_particles(self) -> int:
+        return self._samples.shape[-2]
+
+    def expand(self, batch_shape: torch.Size, _instance=None) -> ParticlePolicy:
+        batch_shape = torch.Size(batch_shape)
+        particles = self._samples.expand(batch_shape + self._samples.shape[-2:])
+        reference = (
+            None
+            if self.reference_particles is None
+            else self.reference_particles.expand(batch_shape + self._samples.shape[-2:])
+        )
+        return ParticlePolicy(particles, self._log_weights.expand(batch_shape + self._log_weights.shape[-1:]), reference)
+
+    def select(
+        self,
+        rule: str = "argmax",
+        scores: Tensor | None = None,
+        value: Callable[[Tensor | None, Tensor], Tensor] | None = None,
+        obs: Tensor | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """One action per state, [*B, A]: by ``rule`` over ``scores`` [*B, N] or over ``value(obs, particles)``.
+
+        ``value`` gets obs [*B, O] and particles [*B, N, A] and must return one number per particle.
+        """
+        if rule not in SELECTION_RULES:
+            raise ValueError(f"unknown selection rule {rule!r}; expected one of {SELECTION_RULES}")
+        batch_shape = self._samples.shape[:-2]
+        if rule == "uniform":
+            logits = torch.zeros(self._log_weights.shape, dtype=self._samples.dtype, device=self._samples.device)
+        else:
+            scores = self._scores(scores, value, obs)
+            if rule == "argmax":
+                index = scores.argmax(-1)
+                return self._gather(index)
+            if not temperature > 0:
+                raise ValueError(f"softmax selection needs a positive temperature, got {temperature}")
+            logits = scores / temperature
+        flat = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+        index = torch.multinomial(flat, 1, generator=generator).reshape(batch_shape)
+        return self._gather(index)
+
+    def _scores(self, scores: Tensor | None, value, obs: Tensor | None) -> Tensor:
+        if scores is None:
+            if value is None:
+                raise ValueError("argmax/softmax selection needs scores= or value= (with obs=)")
+            with torch.no_grad():
+                scores = value(obs, self._samples)
+        if scores.shape != self._log_weights.shape:
+            raise ValueError(
+                f"selection scores must have shape {tuple(self._log_weights.shape)} (one per particle); "
+                f"got {tuple(scores.shape)}"
+            )
+        return scores
+
+    def _gather(self, index: Tensor) -> Tensor:
+        event = self._samples.shape[-1]
+        gathered = self._samples.gather(-2, index[..., None, None].expand(*index.shape, 1, event))
+        return gathered.squeeze(-2)
