@@ -36,8 +36,10 @@ def action_gradient(value: ValueFn, obs: Tensor | None, x: Tensor) -> tuple[Tens
                 f"value(obs, x) must return one number per particle, shape {tuple(x.shape[:-1])}; "
                 f"got {tuple(q.shape)}"
             )
-        (grad,) = torch.autograd.grad(q.sum(), x_leaf)
-    return q.detach(), grad
+        if not q.requires_grad:
+            return q.detach(), torch.zeros_like(x)
+        (grad,) = torch.autograd.grad(q.sum(), x_leaf, allow_unused=True)
+    return q.detach(), torch.zeros_like(x) if grad is None else grad
 
 
 class ValueGradient:

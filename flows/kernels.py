@@ -37,9 +37,14 @@ def pairwise_sq_distances(x: Tensor, y: Tensor | None = None) -> Tensor:
 
 
 def median_bandwidth(sq_distances: Tensor) -> Tensor:
-    """Per-state squared bandwidth s^2 = median(d2) / (2 log(N + 1)), shape [B] (floored at 1e-12)."""
+    """Per-state squared bandwidth s^2 = median(d2) / (2 log(N + 1)), shape [B] (floored at 1e-12).
+
+    The median is over all N*N entries of the symmetric matrix d2 with its zero diagonal, and is read off
+    the N(N-1)/2 distinct off-diagonal values: the k-th smallest entry is 0 for k <= N and otherwise the
+    ceil((k - N) / 2)-th smallest off-diagonal value (each appears twice).
+    """
     n = sq_distances.shape[-1]
-    median = _median_of_all_entries(sq_distances.flatten(-2))
+    median = _median_of_symmetric(sq_distances)
     return (median / (2.0 * math.log(n + 1))).clamp_min(BANDWIDTH_FLOOR)
 
 
@@ -49,10 +54,23 @@ def rbf_kernel(sq_distances: Tensor, bandwidth_sq: Tensor) -> Tensor:
     return torch.exp(-sq_distances / denominator[..., None, None])
 
 
-def _median_of_all_entries(values: Tensor) -> Tensor:
-    """Median over the last dim, the mean of the two middle values for an even count (selection, not a sort)."""
-    count = values.shape[-1]
-    upper = torch.kthvalue(values, count // 2 + 1, dim=-1).values
+def _median_of_symmetric(sq_distances: Tensor) -> Tensor:
+    """Median of all N*N entries (mean of the two middle ones for even N*N), by selection on the triangle."""
+    n = sq_distances.shape[-1]
+    if n == 1:
+        return sq_distances[..., 0, 0]
+    rows, cols = torch.triu_indices(n, n, offset=1, device=sq_distances.device)
+    off_diagonal = sq_distances[..., rows, cols]
+    count = n * n
+
+    def kth_smallest(k: int) -> Tensor:
+        if k <= n:
+            return torch.zeros_like(off_diagonal[..., 0])
+        return torch.kthvalue(off_diagonal, (k - n + 1) // 2, dim=-1).values
+
+    upper = kth_smallest(count // 2 + 1)
     if count % 2:
         return upper
-    return 0.5 * (upper + torch.kthvalue(values, count // 2, dim=-1).values)
+    lower_rank, upper_rank = (count // 2 - n + 1) // 2, (count // 2 + 1 - n + 1) // 2
+    lower = upper if lower_rank == upper_rank and count // 2 > n else kth_smallest(count // 2)
+    return 0.5 * (upper + lower)

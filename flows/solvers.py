@@ -44,10 +44,12 @@ class Constraint(Protocol):
 
 @dataclass
 class SolveResult:
-    """Final particles [B, N, A] and the number of steps (or step-equivalents of ODE time) per state [B]."""
+    """Final particles [B, N, A], steps taken per state [B] (for an ODE solve its time allowance in step
+    units) and the states stopped by a budget's limit [B]."""
 
     particles: Tensor
     steps: Tensor
+    exhausted: Tensor
 
 
 def check_finite_velocity(velocity: Tensor) -> None:
@@ -83,6 +85,7 @@ class DiscreteSolver:
         max_steps = int(allowance.max().item()) if allowance.numel() else 0
         uniform = bool((allowance == max_steps).all().item())
         active = allowance > 0
+        exhausted_any = torch.zeros_like(active)
         state = self.init_state(x0)
         x = x0
         for step in range(max_steps):
@@ -95,8 +98,9 @@ class DiscreteSolver:
                 active = active & (step < allowance)
             x = torch.where(active[:, None, None], proposal, x)
             steps = steps + active.long()
+            exhausted_any = exhausted_any | (active & exhausted)
             active = active & ~exhausted
-        return SolveResult(x, steps)
+        return SolveResult(x, steps, exhausted_any)
 
 
 class Euler(DiscreteSolver):
@@ -179,13 +183,13 @@ class ODESolver:
         horizon = allowance.to(x0.dtype) * self.step_size
         end_time = float(horizon.max().item()) if horizon.numel() else 0.0
         if end_time == 0.0:
-            return SolveResult(x0, torch.zeros_like(allowance))
+            return SolveResult(x0, torch.zeros_like(allowance), torch.zeros_like(allowance, dtype=torch.bool))
 
         def dynamics(t: Tensor, x: Tensor) -> Tensor:
             velocity = field(obs, x, value)
             if self.check_finite:
                 check_finite_velocity(velocity)
-            moving = (t < horizon) & constraint.moving(x0, x)
+            moving = (t <= horizon) & constraint.moving(x0, x)
             velocity = torch.where(constraint.outward_velocity(x, velocity), 0.0, velocity)
             return velocity * moving[:, None, None].to(velocity.dtype)
 
@@ -194,5 +198,5 @@ class ODESolver:
         if self.method in ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams") and "step_size" not in options:
             options = {**options, "step_size": self.step_size}
         x_end = odeint(dynamics, x0, times, method=self.method, rtol=self.rtol, atol=self.atol, options=options)[-1]
-        x_end, _ = constraint.enforce(x0, x0, constraint.project(x_end))
-        return SolveResult(x_end, allowance.clone())
+        x_end, exhausted = constraint.enforce(x0, x0, constraint.project(x_end))
+        return SolveResult(x_end, allowance.clone(), exhausted | ~constraint.moving(x0, x_end))

@@ -120,7 +120,7 @@ class DisplacementBudget(Budget):
         return projected, exhausted
 
     def moving(self, x0: Tensor, x: Tensor, batch_shape: torch.Size) -> Tensor:
-        return displacement(x0, x) < _per_state(self.radius, batch_shape, x)
+        return displacement(x0, x) < _per_state(self.radius, batch_shape, x) * (1.0 - 1e-6)
 
     def __repr__(self) -> str:
         return f"DisplacementBudget({self.radius})"
@@ -169,7 +169,7 @@ class SinkhornBudget(Budget):
         return torch.where(over[:, None, None], cut_back, x_new), over
 
     def moving(self, x0: Tensor, x: Tensor, batch_shape: torch.Size) -> Tensor:
-        return self.spent(x0, x) < _per_state(self.radius, batch_shape, x)
+        return self.spent(x0, x) < _per_state(self.radius, batch_shape, x) * (1.0 - 1e-6)
 
     def __repr__(self) -> str:
         return f"SinkhornBudget({self.radius}, blur={self.blur})"

@@ -129,7 +129,7 @@ class ValueGradientFlow:
         report = TransportReport(
             steps=result.steps,
             displacement=displacement(flat_x0, x),
-            exhausted=~constraint.moving(flat_x0, x) if spent else torch.zeros_like(result.steps, dtype=torch.bool),
+            exhausted=result.exhausted,
             budget_spent=spent,
         ).reshape(batch_shape)
         return ParticlePolicy(x.reshape(x0.shape), reference_particles=origin, report=report)
