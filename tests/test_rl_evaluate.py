@@ -1,0 +1,139 @@
+"""Evaluation in real environments (gymnasium MuJoCo, OGBench), budget sweeps, tables and plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vgf_prob.rl.data import D4RL_REF_SCORES
+from vgf_prob.rl.evaluate import budget_sweep, evaluate, format_table, make_env, make_envs, resolve_env_name
+from vgf_prob.rl.plots import plot_budget_sweep, plot_learning_curve
+
+HOPPER = "hopper-medium-v2"
+CUBE = "cube-single-play-singletask-task1-v0"
+
+
+def random_act_fn(action_dim: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return lambda obs: torch.rand(obs.shape[0], action_dim, generator=generator) * 2 - 1
+
+
+def deterministic_act_fn(obs: torch.Tensor) -> torch.Tensor:
+    """Row-wise (no reduction across the batch), so batch size cannot change a single bit."""
+    return torch.sin(3.0 * obs[:, :3]) * 1.5  # partly outside [-1, 1]: exercises the clipping
+
+
+@pytest.mark.parametrize(("name", "dim"), [(HOPPER, 11), ("halfcheetah-medium-expert-v2", 17),
+                                           ("walker2d-medium-replay-v2", 17), ("ant-medium-v2", 111)])
+def test_observation_dims_match_d4rl(name, dim):
+    env = make_env(name, seed=0)
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.shape == (dim,) and obs.shape == (dim,)
+    if name.startswith("ant"):  # ant-v2's contact forces were always zero in D4RL
+        assert np.all(obs[27:] == 0)
+
+
+def test_random_policy_on_hopper_gives_finite_returns_and_normalized_score():
+    result = evaluate(random_act_fn(3), HOPPER, num_episodes=2, max_episode_steps=15)
+    assert result.returns.shape == (2,) and np.all(np.isfinite(result.returns))
+    assert np.all((result.lengths >= 1) & (result.lengths <= 15))
+    r_min, r_max = D4RL_REF_SCORES["hopper"]
+    expected = 100 * (result.returns - r_min) / (r_max - r_min)
+    assert result.score_kind == "d4rl_normalized" and result.successes is None
+    assert result.score == pytest.approx(expected.mean())
+    assert result.score_std == pytest.approx(expected.std())
+    summary = json.loads(json.dumps(result.to_dict()))
+    assert summary["returns"] == pytest.approx(result.returns.tolist()) and summary["wall_time"] > 0
+
+
+def test_ogbench_singletask_reports_success_flags():
+    result = evaluate(random_act_fn(5), CUBE, num_episodes=2, max_episode_steps=25)
+    assert result.successes is not None and set(result.successes.tolist()) <= {False, True}
+    assert result.score_kind == "success_rate"
+    assert result.score == pytest.approx(100 * result.successes.mean()) == result.success_rate
+    assert np.all(result.lengths <= 25) and np.all(np.isfinite(result.returns))
+
+
+def test_batched_and_sequential_evaluation_agree():
+    sequential = evaluate(deterministic_act_fn, HOPPER, num_episodes=5, seed=3, num_envs=1, max_episode_steps=60)
+    batched = evaluate(deterministic_act_fn, HOPPER, num_episodes=5, seed=3, num_envs=3, max_episode_steps=60)
+    np.testing.assert_array_equal(sequential.returns, batched.returns)
+    np.testing.assert_array_equal(sequential.lengths, batched.lengths)
+    assert len(set(batched.returns.tolist())) > 1  # episodes differ: seed + k per episode
+
+
+def test_budget_sweep_calls_make_act_fn_per_budget_with_the_same_seeds():
+    budgets = [0, 1, 2, "sinkhorn(0.1)"]
+    calls = []
+
+    def make_act_fn(budget):
+        calls.append(budget)
+        return deterministic_act_fn
+
+    rows = budget_sweep(make_act_fn, HOPPER, budgets, num_episodes=2, max_episode_steps=10)
+    assert calls == budgets
+    assert [row["budget"] for row in rows] == budgets
+    assert all({"budget", "score", "std", "episodes"} <= row.keys() and row["episodes"] == 2 for row in rows)
+    assert len({row["score"] for row in rows}) == 1  # same policy, same episode seeds
+    text = format_table(rows, title="hopper L_test", print_table=False)
+    assert "hopper L_test" in text and "sinkhorn(0.1)" in text and f"{rows[0]['score']:.2f}" in text
+
+
+def test_reused_envs_and_bad_act_fn_output():
+    envs = make_envs(HOPPER, 2, max_episode_steps=5)
+    first = evaluate(deterministic_act_fn, HOPPER, num_episodes=3, envs=envs)
+    again = evaluate(deterministic_act_fn, HOPPER, num_episodes=3, envs=envs)
+    np.testing.assert_array_equal(first.returns, again.returns)
+    with pytest.raises(ValueError, match="give them to make_envs"):
+        evaluate(deterministic_act_fn, HOPPER, envs=envs, max_episode_steps=5)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\)"):
+        evaluate(lambda obs: obs[:, :2], HOPPER, num_episodes=2, envs=envs)
+
+
+@pytest.mark.parametrize("name", ["pong-v5", "hopper-medium-v9", "humanoid-medium-v2"])
+def test_unknown_env_names_list_the_valid_families(name):
+    with pytest.raises(ValueError, match="families: hopper, halfcheetah"):
+        make_env(name)
+
+
+def test_unknown_ogbench_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="OGBench has no environment"):
+        make_env("cube-nonagonal-play-v0")
+
+
+@pytest.mark.parametrize(("name", "d4rl_goal"), [("antmaze-umaze-v2", (0, 8)), ("antmaze-large-diverse-v2", (32, 24)),
+                                               ("pen-human-v1", None)])
+def test_gymnasium_robotics_families(name, d4rl_goal):
+    if importlib.util.find_spec("gymnasium_robotics") is None:
+        with pytest.raises(ImportError, match="gymnasium-robotics"):
+            make_env(name)
+        return
+    env = make_env(name, seed=0)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == env.observation_space.shape == (resolve_env_name(name)[1].obs_dim,)
+    if d4rl_goal is not None:  # D4RL frame: start cell at the origin, goal where D4RL's evaluation put it
+        maze = env.unwrapped
+        goal = maze.goal - maze.maze.unique_reset_locations[0]
+        np.testing.assert_allclose(goal, d4rl_goal, atol=1.0)
+        np.testing.assert_allclose(obs[:2], 0.0, atol=1.0)
+
+
+def test_plots_write_png_files(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("step,critic_loss,bc_loss,score\n0,1.5,0.9,\n100,1.1,0.7,12.5\n200,0.8,0.6,\n300,0.6,0.5,40.0\n")
+    sweep = [{"budget": b, "score": s, "std": 3.0, "episodes": 10} for b, s in [(0, 40.0), (1, 55.0), (3, 61.0)]]
+    paths = [
+        plot_learning_curve(log, tmp_path / "curve.png"),
+        plot_learning_curve([{"step": 1, "score": 3.0}, {"step": 2, "score": 5.0}], tmp_path / "rows.png", ["score"]),
+        plot_budget_sweep(sweep, tmp_path / "sub" / "sweep.png", reference_lines={"BC": 30.0, "FQL": 50.0}),
+        plot_budget_sweep([{"budget": "W2<=0.1", "score": 1.0}, {"budget": "W2<=1", "score": 2.0}],
+                          tmp_path / "categorical.png"),
+    ]
+    for path in paths:
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="not found"):
+        plot_learning_curve(log, tmp_path / "bad.png", ["actor_loss"])
