@@ -1,0 +1,367 @@
+"""The offline-RL Value Gradient Flow agent (REFERENCE.md section 3).
+
+One update, on a batch of transitions (s, a, r, s', mask):
+
+    x^0_i ~ mu(. | s'), i = 1..N                 (BC reference, flow matching by default)
+    x^L   = L_train steps of the value gradient flow driven by the online critic (heads meaned)
+    y     = r + gamma * mask * (1/N) sum_i Qbar(s', x^L_i)   (target critic, heads by min or mean)
+    loss  = sum_k mean_batch (y - Q_k(s, a))^2,  plus one BC step on (s, a) and a Polyak step for Qbar.
+
+Acting draws N particles from mu(. | s), runs L_test flow steps and returns the particle with the highest
+online Q. L_test = 0 is best-of-N from the reference. The amortised variant replaces the Stein field by a
+network f(s, a) regressed onto grad_a mean_k Q_k(s, a) at dataset actions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vgf_prob.budget import Budget, StepBudget, as_budget
+from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
+from vgf_prob.distributions.gaussian import GaussianPolicy
+from vgf_prob.distributions.particle import ParticlePolicy
+from vgf_prob.flows import AmortizedGradient, ParticleAdam, SteinField, action_gradient
+from vgf_prob.rl.config import VGFConfig
+from vgf_prob.rl.networks import AmortizedGradientNetwork, EnsembleCritic
+from vgf_prob.transport import BoxProjection, ValueGradientFlow
+from vgf_prob.values import evaluate
+
+BATCH_KEYS = ("observations", "actions", "rewards", "next_observations", "masks")
+ParticleFn = Callable[[Tensor | None, Tensor], Tensor]
+TensorInfo = tuple[Tensor, dict[str, Tensor]]
+
+
+class VGFAgent(nn.Module):
+    """Twin critic + target critic + BC reference mu; the policy is mu's particles moved by a value gradient flow.
+
+    TD target y = r + gamma * mask * (1/N) sum_i Qbar(s', x_i), x = L_train flow steps from N draws of mu(.|s');
+    action = argmax_i Q(s, x_i) after L_test flow steps. ``config`` holds every hyperparameter (`VGFConfig`).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        config: VGFConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, dim in (("obs_dim", obs_dim), ("action_dim", action_dim)):
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise ValueError(f"{name} must be a positive int, got {dim!r}")
+        self.config = cfg = config if config is not None else VGFConfig()
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+
+        self.critic = EnsembleCritic(
+            obs_dim, action_dim, cfg.critic_hidden_dims, cfg.num_critic_heads, cfg.critic_layer_norm_eps
+        )
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        if cfg.reference == "flow_matching":
+            self.reference: nn.Module = FlowMatchingPolicy(obs_dim, action_dim, cfg.bc_hidden_dims, cfg.flow_steps)
+        else:
+            self.reference = GaussianPolicy(obs_dim, action_dim, cfg.bc_hidden_dims, action_low=-1.0, action_high=1.0)
+        self.amortized = (
+            AmortizedGradientNetwork(obs_dim, action_dim, cfg.amortized_hidden_dims, cfg.critic_layer_norm_eps)
+            if cfg.variant == "amortized"
+            else None
+        )
+        self.to(device=device, dtype=dtype)
+
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr)
+        self.reference_optimizer = torch.optim.Adam(self.reference.parameters(), lr=cfg.lr)
+        self.amortized_optimizer = (
+            torch.optim.Adam(self.amortized.parameters(), lr=cfg.lr) if self.amortized is not None else None
+        )
+
+        self.stein_field = SteinField(cfg.alpha, differentiate_bandwidth=cfg.differentiate_bandwidth)
+        self.train_solver = ParticleAdam(cfg.vgf_lr, check_finite=False)
+        self.act_solver = ParticleAdam(cfg.vgf_lr)
+        self.projection = BoxProjection(-1.0, 1.0)
+        self.train_budget = StepBudget(cfg.train_budget)
+        if cfg.compile:
+            self._compile_networks()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.critic.first.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.critic.first.weight.dtype
+
+    # ------------------------------------------------------------------ the flow
+    def particle_fn(self, network: nn.Module, obs: Tensor) -> ParticleFn:
+        """``fn(obs, x [B, N, A])`` evaluating ``network`` (critic or f) at particles of the states ``obs [B, O]``.
+
+        Fast path: the state part of the first layer is encoded once here and reused by every call (all
+        particles, all flow steps). Plain path: concat(obs, x) through the whole network at every call.
+        """
+        if self.config.fast_path:
+            with torch.no_grad():
+                encoded = network.encode_obs(obs)
+
+            def network_at(_: Tensor | None, x: Tensor) -> Tensor:
+                return network.forward_from_encoding(encoded, x)
+        else:
+
+            def network_at(states: Tensor | None, x: Tensor) -> Tensor:
+                return network(states.unsqueeze(-2).expand(*x.shape[:-1], states.shape[-1]), x)
+
+        def fn(states: Tensor | None, x: Tensor) -> Tensor:
+            with self._autocast():
+                return network_at(states, x).to(x.dtype)
+
+        return fn
+
+    def reference_particles(self, obs: Tensor, num_particles: int, generator: torch.Generator | None = None) -> Tensor:
+        """x^0_i ~ mu(. | s): ``[B, N, A]`` draws from the BC reference, without a graph."""
+        with torch.no_grad(), self._autocast():
+            particles = self.reference(obs).sample_particles(num_particles, generator=generator)
+        return particles.to(obs.dtype)
+
+    def transport(
+        self,
+        obs: Tensor,
+        budget: Budget | int,
+        generator: torch.Generator | None = None,
+        check_finite: bool = True,
+    ) -> tuple[ParticlePolicy, ParticleFn]:
+        """Draw N particles per state from mu and move them under ``budget`` with the online critic.
+
+        Returns the resulting `ParticlePolicy` and the critic's ``fn(obs, x) -> [B, N, H]`` (with its cached
+        state encoding, for scoring the particles). The flow is ParticleAdam(vgf_lr) on the Stein field of
+        mean_k Q_k (or on f(s, x) for the amortised variant), clipped to the action box [-1, 1].
+        """
+        critic_fn = self.particle_fn(self.critic, obs)
+        field = self.stein_field if self.amortized is None else AmortizedGradient(self.particle_fn(self.amortized, obs))
+        flow = ValueGradientFlow(
+            field,
+            self.act_solver if check_finite else self.train_solver,
+            budget=budget,
+            projection=self.projection,
+            aggregation="mean",
+        )
+        start = self.reference_particles(obs, self.config.num_particles, generator)
+        return flow(start, obs, critic_fn), critic_fn
+
+    # ------------------------------------------------------------------ losses
+    def td_target(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> TensorInfo:
+        """y = r + gamma * mask * (1/N) sum_i Qbar(s', x_i), x the next-state particles after L_train flow steps.
+
+        Returns (y [B], info). Qbar's heads are combined by ``config.head_aggregation``.
+        """
+        next_obs = batch["next_observations"]
+        with torch.no_grad():
+            policy, _ = self.transport(next_obs, self.train_budget, generator, check_finite=False)
+            target_fn = self.particle_fn(self.target_critic, next_obs)
+            next_q = evaluate(target_fn, next_obs, policy.particles, self.config.head_aggregation).mean(-1)
+            target = batch["rewards"] + self.config.discount * batch["masks"] * next_q
+        info = {"target_q": target.mean(), "next_q": next_q.mean(), "flow_displacement": policy.report.displacement.mean()}
+        return target, info
+
+    def critic_loss(self, batch: Mapping[str, Tensor], target: Tensor) -> TensorInfo:
+        """sum_k mean_batch (y - Q_k(s, a))^2 over the H critic heads."""
+        q = self.critic(batch["observations"], batch["actions"])
+        loss = (q - target.unsqueeze(-1)).square().mean(0).sum()
+        return loss, {"critic_loss": loss.detach(), "q_mean": q.detach().mean()}
+
+    def bc_loss(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> TensorInfo:
+        """The reference's BC loss on dataset pairs (flow-matching MSE, or Gaussian negative log-likelihood)."""
+        if isinstance(self.reference, FlowMatchingPolicy):
+            loss, info = self.reference.loss(batch["observations"], batch["actions"], generator=generator)
+        else:
+            loss, info = self.reference.loss(batch["observations"], batch["actions"])
+        return loss, {"bc_loss": loss.detach(), **{f"bc_{k}": v for k, v in info.items()}}
+
+    def amortized_loss(self, batch: Mapping[str, Tensor]) -> TensorInfo:
+        """MSE between f(s, a) and grad_a mean_k Q_k(s, a) at dataset pairs (the critic gets no gradient)."""
+        obs, actions = batch["observations"], batch["actions"]
+        critic_fn = self.particle_fn(self.critic, obs)
+        _, score = action_gradient(lambda o, x: critic_fn(o, x).mean(-1), obs, actions.unsqueeze(-2))
+        loss = F.mse_loss(self.amortized(obs, actions), score.squeeze(-2))
+        return loss, {"amortized_loss": loss.detach(), "score_norm": score.norm(dim=-1).mean()}
+
+    # ------------------------------------------------------------------ training
+    def update(
+        self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None, check_finite: bool = True
+    ) -> dict[str, Tensor]:
+        """One training iteration on ``batch`` (keys observations, actions, rewards, next_observations, masks).
+
+        All losses are formed with the current parameters, then each network takes one Adam step (global
+        grad norm clipped to ``config.max_grad_norm`` when positive) and the target critic a Polyak step.
+        ``generator`` drives the reference's samples and the BC noise. ``check_finite=False`` skips the one
+        host sync of the batch's NaN/inf check (for data already validated, e.g. an `OfflineDataset`).
+        Returns detached scalar tensors; nothing here copies to the host.
+        """
+        batch = self._prepare_batch(batch, check_finite)
+        target, info = self.td_target(batch, generator)
+        critic_loss, critic_info = self.critic_loss(batch, target)
+        bc_loss, bc_info = self.bc_loss(batch, generator)
+        steps = [(critic_loss, self.critic_optimizer), (bc_loss, self.reference_optimizer)]
+        info |= critic_info | bc_info
+        if self.amortized is not None:
+            amortized_loss, amortized_info = self.amortized_loss(batch)
+            steps.append((amortized_loss, self.amortized_optimizer))
+            info |= amortized_info
+        for loss, optimizer in steps:
+            self._optimizer_step(loss, optimizer)
+        self._polyak_update()
+        return info
+
+    def _optimizer_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm > 0:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        optimizer.step()
+
+    @torch.no_grad()
+    def _polyak_update(self) -> None:
+        """theta_bar <- (1 - tau) theta_bar + tau theta."""
+        for target, online in zip(self.target_critic.parameters(), self.critic.parameters()):
+            target.lerp_(online, self.config.tau)
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def act(
+        self, obs: Tensor, budget: Budget | int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """argmax_i Q(s, x_i) over N reference particles moved by the flow under ``budget``.
+
+        ``obs`` is ``[B, O]`` (or one ``[O]`` observation, giving ``[A]``); ``budget`` an int step count
+        or any `vgf_prob.budget.Budget` (default ``config.test_budget``). Heads are combined as in the TD
+        target. The critic receives no gradient.
+        """
+        obs, single = self._prepare_obs(obs)
+        budget = self.config.acting_budget if budget is None else budget
+        policy, critic_fn = self.transport(obs, as_budget(budget), generator)
+        scores = evaluate(critic_fn, obs, policy.particles, self.config.head_aggregation)
+        actions = policy.select("argmax", scores=scores)
+        return actions[0] if single else actions
+
+    def best_of_n(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """argmax_i Q(s, x_i) over N draws of mu(. | s): acting with L_test = 0."""
+        return self.act(obs, budget=0, generator=generator)
+
+    def explore(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Exploration action for offline-to-online fine-tuning: best-of-N (L = 0), as the authors do."""
+        return self.best_of_n(obs, generator)
+
+    @torch.no_grad()
+    def bc_action(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One sample of the BC reference mu(. | s): the behaviour-cloning baseline."""
+        obs, single = self._prepare_obs(obs)
+        actions = self.reference_particles(obs, 1, generator).squeeze(-2)
+        return actions[0] if single else actions
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> dict[str, Any]:
+        """Optimiser states, stored by ``state_dict()`` next to the parameters."""
+        return {name: optimizer.state_dict() for name, optimizer in self._optimizers().items()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        optimizers = self._optimizers()
+        if set(state) != set(optimizers):
+            raise ValueError(f"optimiser states for {sorted(state)} do not match this agent's {sorted(optimizers)}")
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(copy.deepcopy(state[name]))
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything needed to resume training: config, dims, parameters, target critic and optimiser states.
+
+        Tensors share storage with the live agent (as ``state_dict`` does): save or deep-copy the result.
+        """
+        return {
+            "config": self.config.to_dict(),
+            "obs_dim": self.obs_dim,
+            "action_dim": self.action_dim,
+            "agent": self.state_dict(),
+        }
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what `training_state` returned (modules and optimisers); dims must match this agent."""
+        missing = [key for key in ("config", "obs_dim", "action_dim", "agent") if key not in state]
+        if missing:
+            raise ValueError(f"training state is missing {missing}; expected the output of VGFAgent.training_state()")
+        dims = (state["obs_dim"], state["action_dim"])
+        if dims != (self.obs_dim, self.action_dim):
+            raise ValueError(
+                f"training state is for obs_dim, action_dim = {dims}, this agent has {(self.obs_dim, self.action_dim)}"
+            )
+        self.load_state_dict(state["agent"])
+
+    @classmethod
+    def from_training_state(
+        cls, state: Mapping[str, Any], device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> VGFAgent:
+        """A new agent built from the config stored in ``state`` and loaded from it."""
+        agent = cls(state["obs_dim"], state["action_dim"], VGFConfig.from_dict(state["config"]), device, dtype)
+        agent.load_training_state(state)
+        return agent
+
+    # ------------------------------------------------------------------ helpers
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        optimizers = {"critic": self.critic_optimizer, "reference": self.reference_optimizer}
+        if self.amortized_optimizer is not None:
+            optimizers["amortized"] = self.amortized_optimizer
+        return optimizers
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.flow_autocast_bf16)
+
+    def _compile_networks(self) -> None:
+        """torch.compile the MLP bodies in place (parameter names, hence checkpoints, are unchanged)."""
+        self.critic.trunk.compile()
+        self.target_critic.trunk.compile()
+        if self.amortized is not None:
+            self.amortized.net.trunk.compile()
+        if isinstance(self.reference, FlowMatchingPolicy):
+            self.reference.velocity_net.trunk.compile()
+        else:
+            self.reference.net.compile()
+
+    def _prepare_obs(self, obs: Tensor) -> tuple[Tensor, bool]:
+        """Observations as ``[B, O]`` on this agent's device and dtype, and whether one ``[O]`` was given."""
+        obs = torch.as_tensor(obs, device=self.device, dtype=self.dtype)
+        if obs.dim() not in (1, 2) or obs.shape[-1] != self.obs_dim:
+            raise ValueError(f"obs must have shape [B, {self.obs_dim}] or [{self.obs_dim}], got {tuple(obs.shape)}")
+        if not torch.isfinite(obs).all():
+            raise ValueError("obs contains NaN or infinite values")
+        return (obs.unsqueeze(0), True) if obs.dim() == 1 else (obs, False)
+
+    def _prepare_batch(self, batch: Mapping[str, Tensor], check_finite: bool) -> dict[str, Tensor]:
+        """Check shapes (and, with ``check_finite``, values) and move the batch to this agent's device and dtype."""
+        missing = [key for key in BATCH_KEYS if key not in batch]
+        if missing:
+            raise ValueError(f"batch is missing {missing}; expected keys {list(BATCH_KEYS)}")
+        size = len(batch["rewards"])
+        expected = {
+            "observations": (size, self.obs_dim),
+            "actions": (size, self.action_dim),
+            "rewards": (size,),
+            "next_observations": (size, self.obs_dim),
+            "masks": (size,),
+        }
+        for key, shape in expected.items():
+            if tuple(batch[key].shape) != shape:
+                raise ValueError(
+                    f"batch[{key!r}] has shape {tuple(batch[key].shape)}, expected {shape} "
+                    f"(batch size {size}, obs_dim {self.obs_dim}, action_dim {self.action_dim})"
+                )
+        tensors = {key: torch.as_tensor(batch[key]).to(device=self.device, dtype=self.dtype) for key in BATCH_KEYS}
+        if check_finite and not torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all():
+            bad = [key for key, t in tensors.items() if not torch.isfinite(t).all()]
+            raise ValueError(f"batch contains NaN or infinite values in {bad}")
+        return tensors
+
+
+__all__ = ["BATCH_KEYS", "VGFAgent"]
