@@ -104,8 +104,8 @@ class EnsembleCritic(nn.Module):
         """Q of every head at particles ``[B, N, A]`` of the states encoded as ``[H, B, 1, hidden]`` -> ``[B, N, H]``."""
         flat = actions.reshape(1, -1, self.action_dim).expand(self.num_heads, -1, -1)
         x = torch.bmm(flat, self.first.weight[:, self.obs_dim :])  # W_a a: [H, B * N, hidden]
-        x.view(self.num_heads, *actions.shape[:-1], -1).add_(encoded)
-        return self.trunk(x).reshape(*actions.shape[:-1], self.num_heads)
+        x = x.view(self.num_heads, *actions.shape[:-1], -1) + encoded
+        return self.trunk(x.flatten(1, 2)).reshape(*actions.shape[:-1], self.num_heads)
 
 
 class AmortizedGradientNetwork(nn.Module):
