@@ -227,8 +227,9 @@ def test_amortized_network_regresses_onto_the_critics_action_gradient():
     assert all(p.grad is None for p in agent.critic.parameters())
 
 
-def test_fast_path_matches_the_plain_path():
-    fast = make_agent(fast_path=True)
+@pytest.mark.parametrize("variant", ["stein", "amortized"])
+def test_fast_path_matches_the_plain_path(variant):
+    fast = make_agent(fast_path=True, variant=variant)
     plain = VGFAgent(OBS, ACT, fast.config.replace(fast_path=False))
     plain.load_state_dict(fast.state_dict())
     g_fast, g_plain = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
