@@ -1,5 +1,6 @@
 """MLP building blocks shared by the reference policies, and the observation check they all use."""
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,59 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+class Workspace:
+    """Scratch tensors reused from call to call by the no-grad fast paths (``ConditionalMLP.infer_from_context``
+    and the critic ensemble's fused passes).
+
+    ``get(name, shape, like)`` returns the tensor kept under ``name`` while shape, dtype and device match, and
+    allocates a new one otherwise. On CPU a fresh activation-sized tensor costs a page fault per 4 KiB page
+    (torch has no caching allocator there), which is a sizeable part of a flow step; reusing buffers removes
+    that. A few shapes are kept per name (e.g. acting on one state and training on a batch alternate).
+    Copies and pickles of the owning module start with an empty workspace; nothing here is in a state_dict.
+    """
+
+    SHAPES_PER_NAME = 3
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, list[Tensor]] = {}
+
+    def get(self, name: str, shape: Sequence[int], like: Tensor) -> Tensor:
+        shape = torch.Size(shape)
+        kept = self._buffers.setdefault(name, [])
+        for i, buffer in enumerate(kept):
+            if buffer.shape == shape and buffer.dtype == like.dtype and buffer.device == like.device:
+                if i:
+                    kept.insert(0, kept.pop(i))
+                return buffer
+        buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+        kept.insert(0, buffer)
+        del kept[self.SHAPES_PER_NAME:]
+        return buffer
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+    def __deepcopy__(self, memo: dict) -> "Workspace":
+        return Workspace()
+
+    def __getstate__(self) -> dict:
+        return {"_buffers": {}}
+
+
+def fast_inference_allowed(module: nn.Module, *inputs: Tensor) -> bool:
+    """Whether a hand-written no-grad pass may replace ``module``'s autograd forward: no graph is being
+    recorded for it (grad mode off, or neither its parameters nor the inputs need one), no autocast is active
+    on the inputs' device (the fast passes write float32 buffers), and ``module`` is not torch.compile'd."""
+    if torch.is_autocast_enabled(inputs[0].device.type):
+        return False
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return False
+    if torch.is_grad_enabled():
+        if any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters()):
+            return False
+    return True
+
+
 class ConditionalMLP(nn.Module):
     """y = MLP(concat(c, x)), with the first layer split as W [c; x] + b = (W_c c + b) + W_x x.
 
@@ -70,6 +124,7 @@ class ConditionalMLP(nn.Module):
         self.output_dim = output_dim
         hidden_dims = tuple(hidden_dims)
         first_width = hidden_dims[0] if hidden_dims else output_dim
+        self._workspace = Workspace()
         self.first = _init_linear(nn.Linear(context_dim + input_dim, first_width))
         if hidden_dims:
             self.first_activation = nn.Sequential(*_activation(first_width, layer_norm, layer_norm_eps))
@@ -83,9 +138,64 @@ class ConditionalMLP(nn.Module):
         return F.linear(context, self.first.weight[:, : self.context_dim], self.first.bias)
 
     def forward_from_context(self, encoded: Tensor, inputs: Tensor) -> Tensor:
-        """MLP output from an encoded context ``[..., H1]`` broadcast against ``inputs [..., I]``."""
+        """MLP output from an encoded context ``[..., H1]`` broadcast against ``inputs [..., I]``.
+
+        When no graph is needed (sampling under ``torch.no_grad``, or parameters frozen) this runs
+        ``infer_from_context``: the same arithmetic into reused buffers.
+        """
+        if self._fast_layers is not None and fast_inference_allowed(self, encoded, inputs):
+            return self.infer_from_context(encoded, inputs)
         hidden = encoded + F.linear(inputs, self.first.weight[:, self.context_dim :])
         return self.trunk(self.first_activation(hidden))
+
+    @property
+    def _fast_layers(self) -> list[nn.Module] | None:
+        """The layers after the first affine map when they are all Linear / LayerNorm / ReLU (else None)."""
+        layers = [*self.first_activation, *self.trunk] if isinstance(self.trunk, nn.Sequential) else None
+        if not layers or not all(isinstance(m, (nn.Linear, nn.LayerNorm, nn.ReLU)) for m in layers):
+            return None
+        if not isinstance(layers[-1], nn.Linear):
+            return None
+        return layers
+
+    @torch.no_grad()
+    def infer_from_context(self, encoded: Tensor, inputs: Tensor) -> Tensor:
+        """``forward_from_context`` without autograd, every hidden activation written into a reused buffer.
+
+        The first layer is ``encoded`` broadcast into the buffer plus ``inputs @ W_x^T`` accumulated in place;
+        each further Linear is one ``addmm`` with its bias into the next buffer, LayerNorm writes into a
+        buffer, ReLU is in place. Only the output ``[..., output_dim]`` is a new tensor.
+        """
+        layers = self._fast_layers
+        if layers is None:
+            raise RuntimeError("infer_from_context needs a trunk of Linear / LayerNorm / ReLU layers")
+        workspace = self._workspace
+        lead = torch.broadcast_shapes(encoded.shape[:-1], inputs.shape[:-1])
+        rows = math.prod(lead)
+        width = self.first.out_features
+        hidden = workspace.get("h0", (rows, width), encoded)
+        hidden.view(*lead, width).copy_(encoded.expand(*lead, width))
+        flat_inputs = inputs.expand(*lead, inputs.shape[-1]).reshape(rows, inputs.shape[-1])
+        hidden.addmm_(flat_inputs, self.first.weight[:, self.context_dim :].t())
+        ping = 1
+        for layer in layers[:-1]:
+            if isinstance(layer, nn.ReLU):
+                hidden.relu_()
+                continue
+            out_width = layer.out_features if isinstance(layer, nn.Linear) else hidden.shape[-1]
+            out = workspace.get(f"h{ping}", (rows, out_width), hidden)
+            ping ^= 1
+            if isinstance(layer, nn.Linear):
+                torch.addmm(layer.bias, hidden, layer.weight.t(), out=out)
+            else:
+                stats = workspace.get("ln_stats", (2, rows, 1), hidden)
+                torch.ops.aten.native_layer_norm.out(
+                    hidden, list(layer.normalized_shape), layer.weight, layer.bias, layer.eps,
+                    out0=out, out1=stats[0], out2=stats[1],
+                )
+            hidden = out
+        last = layers[-1]
+        return torch.addmm(last.bias, hidden, last.weight.t()).view(*lead, last.out_features)
 
     def forward(self, context: Tensor, inputs: Tensor) -> Tensor:
         """MLP(concat(context, inputs)); ``context`` and ``inputs`` share their leading dimensions."""
