@@ -1,0 +1,160 @@
+"""The ``vgf-prob`` command: the quick start on a tiny generated dataset, eval sweeps, data, errors, recipes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vgf_prob import cli
+from vgf_prob.rl.config import VGFConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_OVERRIDES = (("batch_size", 8), ("critic_hidden_dims", (16, 16)), ("bc_hidden_dims", (16, 16)),
+                  ("amortized_hidden_dims", (16, 16)), ("flow_steps", 2))  # fmt: skip
+TINY_QUICKSTART = cli.Quickstart(env="cube-single-v0", episodes=2, episode_length=20, workers=1, steps=4,
+                                 eval_episodes=1, budgets=(0, 1), overrides=TINY_OVERRIDES)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``--threads`` sets torch's global thread count; give the next test the original one back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """``vgf-prob train`` without a dataset, shrunk: generates and caches data, trains, evaluates."""
+    root = tmp_path_factory.mktemp("quickstart")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("VGF_PROB_CACHE", str(root / "cache"))
+    patch.setattr(cli, "QUICKSTART", TINY_QUICKSTART)
+    threads = torch.get_num_threads()
+    try:
+        out = root / "run"
+        status = cli.main(["train", "--out", str(out), "--no-progress", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+        patch.undo()
+    assert status == 0
+    cached = sorted((root / "cache").rglob("cube-single-play-v0.npz"))
+    return out, cached
+
+
+def test_quickstart_trains_and_compares_bc_best_of_n_and_vgf(quickstart_run, capsys):
+    out, cached = quickstart_run
+    assert len(cached) == 1  # the tiny quick start uses cube-single (200-step evaluation episodes)
+    summary = json.loads((out / "summary.json").read_text())
+    policies = [(row["policy"], row["L_test"]) for row in summary["final_scores"]]
+    assert policies == [("BC reference", None), ("best-of-N", 0), ("VGF", 1)]
+    assert summary["run"]["env_name"] == "cube-single-play-singletask-task1-v0"
+    assert (out / "latest.pt").exists() and (out / "learning_curve.png").stat().st_size > 0
+    assert (out / "eval.csv").read_text().count("\n") == 4
+
+
+def test_eval_budget_sweep_writes_json_and_png(quickstart_run, tmp_path, capsys):
+    out, _ = quickstart_run
+    assert cli.main(["eval", str(out), "--budgets", "0", "2", "--episodes", "1", "--out", str(tmp_path),
+                     "--no-progress", "--threads", "1"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "budget_sweep-steps-step4.json").read_text())
+    assert [row["budget"] for row in report["rows"]] == [0, 2]
+    assert "score" in report["bc"]
+    assert (tmp_path / "budget_sweep-steps-step4.png").stat().st_size > 0
+    assert "budget sweep" in capsys.readouterr().out
+
+
+def test_data_inspect_prints_a_summary(quickstart_run, capsys):
+    _, cached = quickstart_run
+    assert cli.main(["data", "inspect", str(cached[0]), "--task-id", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "obs_dim" in text and "cube-single-play-singletask-task1-v0" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--dataset", "/nonexistent/hopper-medium-v2.hdf5"], "dataset file not found"),
+        (["train", "--dataset", "./missing_dir/data.npz"], "dataset file not found"),
+        (["train", "--dataset", "not-a-dataset"], "neither an existing file"),
+        (["train", "--dataset", "puzzle-4x4-play-v0"], "vgf-prob data generate --env puzzle-4x4-v0"),
+        (["eval", "/nonexistent/run"], "checkpoint not found"),
+    ],
+)
+def test_user_errors_are_one_clear_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vgf-prob: error:") and message in err
+
+
+def test_bad_preset_and_bad_override_are_clear_errors():
+    with pytest.raises(cli.CLIError, match="unknown preset 'hoper'; known presets:"):
+        cli.build_config("hoper", "x", [])
+    with pytest.raises(cli.CLIError, match=r"unknown VGFConfig field\(s\) \['bach_size'\]"):
+        cli.build_config(None, "x", ["bach_size=3"])
+    with pytest.raises(cli.CLIError, match="KEY=VALUE"):
+        cli.build_config(None, "x", ["batch_size"])
+    with pytest.raises(cli.CLIError, match="batch_size must be an int"):
+        cli.build_config(None, "x", ["batch_size=0"])
+
+
+def test_overrides_and_presets_build_the_config():
+    overrides = ["critic_hidden_dims=64,64", "alpha=0.5", "head_aggregation=min", "test_budget=null"]
+    config = cli.build_config(None, "cube-double-play-singletask-task2-v0", overrides)
+    assert config.variant == "amortized" and config.train_budget == 1  # the cube-double preset
+    assert config.critic_hidden_dims == (64, 64) and config.alpha == 0.5 and config.head_aggregation == "min"
+    assert cli.build_config("hopper", "my-data", []).head_aggregation == "min"
+    assert cli.build_config(None, "my-data", []) == VGFConfig()
+
+
+def test_budget_objects_for_each_budget_type():
+    assert cli.make_budget(3.0, "steps", 20) == 3
+    assert "DisplacementBudget(0.5)" in repr(cli.make_budget(0.5, "displacement", 20).parts())
+    with pytest.raises(cli.CLIError, match="whole numbers"):
+        cli.make_budget(1.5, "steps", 20)
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "vgf_prob", "data", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, check=True)  # fmt: skip
+    assert "generate" in result.stdout and "inspect" in result.stdout
+
+
+def _reproduce_module():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "recipes" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_every_recipe_parses_into_valid_configs(recipe):
+    reproduce = _reproduce_module()
+    runs = reproduce.expand_runs(reproduce.load_recipe(recipe))
+    assert runs
+    for run in runs:
+        config = run.config()
+        assert isinstance(config, VGFConfig)
+        args = cli.build_parser().parse_args(run.command(reproduce.load_recipe(recipe)["run"])[1:])
+        assert cli.build_config(args.preset, run.task, args.config) == config
+    tasks = {run.task for run in runs}
+    if recipe.name == "d4rl.toml":
+        assert len(tasks) == 15 and all(run.config().head_aggregation == "min" for run in runs)
+    if recipe.name == "ogbench.toml":
+        assert len(tasks) == 50
+        puzzle = next(run.config() for run in runs if run.task.startswith("puzzle-3x3"))
+        assert (puzzle.variant, puzzle.train_budget, puzzle.vgf_lr) == ("amortized", 5, 0.1)
+
+
+def test_llm_subcommand_delegates_to_the_demo(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["llm", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: vgf-prob llm")
