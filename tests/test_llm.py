@@ -23,6 +23,8 @@ from transformers import (
 from vgf_prob import (
     DisplacementBudget,
     Euler,
+    ODESolver,
+    ParticleAdam,
     SteinField,
     StepBudget,
     ValueGradient,
@@ -139,7 +141,7 @@ def test_value_of_unmoved_particles_is_the_text_score(reward_model):
 
 def test_budget_never_exceeded_per_prompt_and_per_response(reward_model):
     for radius in (0.3, 1.0):
-        budget = DisplacementBudget(radius) & StepBudget(10)
+        budget = DisplacementBudget(radius) & StepBudget(4)
         refinement = VGFRefiner(reward_model, flow(budget, step_size=2.0))(PROMPTS, RESPONSES)
         spent = [report.budget_spent["displacement"] for report in refinement.reports]
         assert max(spent) <= radius * (1 + 1e-5) and min(spent) >= radius * (1 - 1e-3)  # binding, never exceeded
@@ -147,12 +149,19 @@ def test_budget_never_exceeded_per_prompt_and_per_response(reward_model):
     batch = reward_model.tokenize(PROMPTS, RESPONSES)
     x0, movable = reward_model.particles(batch), reward_model.movable(batch)
     projection = ResponseProjection(x0, movable, radius=0.4)
-    moved = ValueGradientFlow(SteinField(alpha=0.1), Euler(2.0), budget=10, projection=projection)(
+    moved = ValueGradientFlow(SteinField(alpha=0.1), Euler(2.0), budget=4, projection=projection)(
         x0, None, reward_model.value(batch, snap=None)
     ).particles
     assert torch.all((moved - x0).norm(dim=-1) <= 0.4 * (1 + 1e-5))
     assert torch.equal(moved[~movable], x0[~movable])
     assert (moved - x0).norm(dim=-1).max() > 0.39
+
+
+@pytest.mark.parametrize("solver", [ODESolver("euler", step_size=0.5), ParticleAdam(lr=0.05)], ids=["ode", "adam"])
+def test_any_solver_keeps_each_response_within_its_radius(reward_model, solver):
+    refiner = VGFRefiner(reward_model, ValueGradientFlow(SteinField(alpha=0.1), solver, budget=3), response_radius=0.5)
+    for report in refiner(PROMPTS, RESPONSES).reports:
+        assert 0.45 < report.response_displacement <= 0.5 * (1 + 1e-5)
 
 
 def test_decoding_an_unmoved_particle_returns_the_original_tokens(reward_model, rm_tokenizer):

