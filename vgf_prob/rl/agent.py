@@ -107,9 +107,11 @@ class VGFAgent(nn.Module):
         if self.config.fast_path:
             with torch.no_grad():
                 encoded = network.encode_obs(obs)
+            # the critic's fused pass: Q at particles, differentiable wrt the particles only
+            at_particles = getattr(network, "particle_values", network.forward_from_encoding)
 
             def network_at(_: Tensor | None, x: Tensor) -> Tensor:
-                return network.forward_from_encoding(encoded, x)
+                return at_particles(encoded, x)
         else:
 
             def network_at(states: Tensor | None, x: Tensor) -> Tensor:

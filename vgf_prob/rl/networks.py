@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vgf_prob.distributions.networks import ConditionalMLP
+from vgf_prob.distributions.networks import ConditionalMLP, Workspace, fast_inference_allowed
 
 
 class EnsembleLinear(nn.Module):
@@ -101,11 +101,207 @@ class EnsembleCritic(nn.Module):
         return torch.baddbmm(self.first.bias, obs.expand(self.num_heads, -1, -1), weight_s).unsqueeze(-2)
 
     def forward_from_encoding(self, encoded: Tensor, actions: Tensor) -> Tensor:
-        """Q of every head at particles ``[B, N, A]`` of the states encoded as ``[H, B, 1, hidden]`` -> ``[B, N, H]``."""
+        """Q of every head at particles ``[B, N, A]`` of the states encoded as ``[H, B, 1, hidden]`` -> ``[B, N, H]``.
+
+        An autograd forward (gradients reach the parameters); without grad mode it runs the fused pass.
+        """
+        if fast_inference_allowed(self, encoded, actions) and self._fusable():
+            return _fused(self).values(self, encoded, actions, save=False)
         flat = actions.reshape(1, -1, self.action_dim).expand(self.num_heads, -1, -1)
         x = torch.bmm(flat, self.first.weight[:, self.obs_dim :])  # W_a a: [H, B * N, hidden]
         x = x.view(self.num_heads, *actions.shape[:-1], -1) + encoded
         return self.trunk(x.flatten(1, 2)).reshape(*actions.shape[:-1], self.num_heads)
+
+
+    def particle_values(self, encoded: Tensor, actions: Tensor) -> Tensor:
+        """``forward_from_encoding`` differentiable with respect to ``actions`` only: what a value gradient
+        flow needs. The parameters get no graph (``torch.autograd.grad`` wrt the particles is the use).
+
+        Fused (`_FusedEnsemble`): all heads in one batched product per layer, activations in reused buffers,
+        and a hand-written backward that runs only the products with the transposed weights (no weight
+        gradients, no autograd graph of the layers). Falls back to the autograd forward under autocast or
+        torch.compile.
+        """
+        if not self._fusable() or torch.is_autocast_enabled(actions.device.type):
+            return self.forward_from_encoding(encoded, actions)
+        if torch.is_grad_enabled() and actions.requires_grad:
+            return _ParticleCritic.apply(actions, encoded, self)
+        return _fused(self).values(self, encoded, actions, save=False)
+
+    def _fusable(self) -> bool:
+        trunk = self.trunk
+        return (
+            type(trunk) is EnsembleTrunk
+            and type(self.first) is EnsembleLinear
+            and getattr(trunk, "_compiled_call_impl", None) is None
+        )
+
+
+def _fused(critic: EnsembleCritic) -> _FusedEnsemble:
+    fused = critic.__dict__.get("_fused_passes")
+    if fused is None:
+        fused = critic.__dict__["_fused_passes"] = _FusedEnsemble()
+    return fused
+
+
+class _FusedEnsemble:
+    """Hand-written forward and action-gradient passes of an `EnsembleCritic` at particles, all heads at once.
+
+    Forward per hidden layer l (one batched product for all heads): z_l = h_{l-1} W_l + b_l (layer 0: the
+    encoded state + a W_a), u_l = LayerNorm(z_l), h_l = ReLU(gamma_l u_l + beta_l); Q = h_L w_out + b_out.
+    Backward for dLoss/da given g = dLoss/dQ: g_h = g (gamma_L w_out)^T, then per layer from the top
+    g_u = 1[h_l > 0] g_h, g_z = LayerNorm backward(g_u), g_h <- g_z (gamma_{l-1} W_l)^T (each gamma folded
+    into the transposed weight above it); finally dLoss/da = sum over heads of g_z0 W_a^T. Activations live
+    in a `Workspace` (reused, no page faults). A saved forward carries a token: if another saving forward
+    ran before its backward, the backward recomputes its own forward first (correct, only slower).
+    """
+
+    def __init__(self) -> None:
+        self.workspace = Workspace()
+        self.token = 0
+        self._weights_key: tuple | None = None
+        self._weights: dict[str, list] = {}
+
+    def __deepcopy__(self, memo: dict) -> _FusedEnsemble:
+        return _FusedEnsemble()
+
+    def __getstate__(self) -> dict:
+        return _FusedEnsemble().__dict__
+
+    def weights(self, critic: EnsembleCritic) -> dict[str, list]:
+        """Per-layer views of the parameters and the gamma-folded transposed weights of the backward,
+        rebuilt only when a parameter changed (optimiser steps bump the tensors' versions)."""
+        params = list(critic.parameters())
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params)
+        if key != self._weights_key:
+            trunk = critic.trunk
+            with torch.no_grad():
+                gammas = [norm.weight for norm in trunk.norms]
+                above = [layer.weight for layer in trunk.hidden] + [trunk.output.weight]
+                # (gamma_l * W_{l+1})^T as [H, D_{l+1}, D_l]: g_h_l * gamma_l = g_z_{l+1} @ this
+                folded = [(gamma.transpose(1, 2) * weight).transpose(1, 2) for gamma, weight in zip(gammas, above)]
+            self._weights = {
+                "w_a": critic.first.weight[:, critic.obs_dim :],
+                "gamma": gammas,
+                "beta": [norm.bias for norm in trunk.norms],
+                "eps": [norm.eps for norm in trunk.norms],
+                "w": [layer.weight for layer in trunk.hidden],
+                "b": [layer.bias for layer in trunk.hidden],
+                "w_out": trunk.output.weight,
+                "b_out": trunk.output.bias,
+                "folded_t": folded,
+            }
+            self._weights_key = key
+        return self._weights
+
+    @torch.no_grad()
+    def values(self, critic: EnsembleCritic, encoded: Tensor, actions: Tensor, save: bool) -> Tensor:
+        """Q ``[*lead, H]`` at ``actions [*lead, A]``, lead = (B, N) broadcast against ``encoded [H, B, 1, D0]``.
+
+        LayerNorm runs in place on the product's buffer: mean, subtract, norm, scale (faster here than the
+        fused kernel). ``save`` keeps each layer's normalised u, 1/std and output h for ``action_grad``;
+        without it one set of buffers (kept apart from the saved ones) serves all layers.
+        """
+        w = self.weights(critic)
+        ws = self.workspace
+        heads, width = encoded.shape[0], encoded.shape[-1]
+        lead = actions.shape[:-1]
+        rows = math.prod(lead)
+        prefix = "" if save else "eval_"
+        u = ws.get(f"{prefix}u0", (heads, rows, width), encoded)
+        u.view(heads, *lead, width).copy_(encoded.expand(heads, *lead, width))
+        flat = actions.reshape(1, rows, actions.shape[-1]).expand(heads, rows, actions.shape[-1])
+        u.baddbmm_(flat, w["w_a"])
+        layers = len(w["gamma"])
+        if save:
+            self.token += 1
+        for layer in range(layers):
+            tag = layer if save else 0
+            d = u.shape[-1]
+            mean = ws.get("mean", (heads, rows, 1), u)
+            rstd = ws.get(f"{prefix}rstd{tag}", (heads, rows, 1), u)
+            torch.mean(u, -1, keepdim=True, out=mean)
+            u.sub_(mean)
+            torch.linalg.vector_norm(u, 2, -1, keepdim=True, out=rstd)
+            rstd.square_().div_(d).add_(w["eps"][layer]).rsqrt_()
+            u.mul_(rstd)
+            h = ws.get(f"{prefix}h{tag}", (heads, rows, d), u)
+            torch.addcmul(w["beta"][layer], u, w["gamma"][layer], out=h)
+            h.relu_()
+            if layer + 1 < layers:
+                weight = w["w"][layer]
+                u = ws.get(f"{prefix}u{layer + 1 if save else (layer + 1) % 2}", (heads, rows, weight.shape[-1]), h)
+                torch.baddbmm(w["b"][layer], h, weight, out=u)
+        q = torch.baddbmm(w["b_out"], h, w["w_out"])  # [H, M, 1]
+        return q.squeeze(-1).t().reshape(*lead, heads)
+
+    @torch.no_grad()
+    def action_grad(self, grad_q: Tensor) -> Tensor:
+        """dLoss/da ``[M, A]`` from dLoss/dQ ``[M, H]``, through the activations of the last saving forward.
+
+        Every step of the backward is linear per row, so the LayerNorms' 1/std row factors are applied
+        once, to the final ``[H, M, A]`` gradient (the LayerNorm backward runs on u with mean 0, std 1).
+        """
+        w = self._weights
+        ws = self.workspace
+        rows, heads = grad_q.shape
+        folded = w["folded_t"]
+        g = ws.get("g_h", (heads, rows, folded[-1].shape[-1]), grad_q)
+        torch.mul(grad_q.t().unsqueeze(-1), folded[-1], out=g)
+        row_scale = grad_q.new_ones(heads, rows, 1)
+        for layer in reversed(range(len(folded))):
+            d = g.shape[-1]
+            h = ws.get(f"h{layer}", (heads, rows, d), grad_q)
+            u = ws.get(f"u{layer}", (heads, rows, d), grad_q)
+            row_scale.mul_(ws.get(f"rstd{layer}", (heads, rows, 1), grad_q))
+            g_u = ws.get("g_u", (heads, rows, d), grad_q)
+            torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=g_u)
+            g_z = ws.get("g_z", (heads, rows, d), grad_q)
+            unit = self._unit_norm(ws, heads, rows, d, grad_q)
+            torch.ops.aten.native_layer_norm_backward.out(
+                g_u, u, [d], unit["zeros"], unit["ones"], unit["ones_d"], unit["zeros_d"], [True, True, True],
+                out0=g_z, out1=unit["grad_w"], out2=unit["grad_b"],
+            )
+            if layer == 0:
+                return torch.bmm(g_z, w["w_a"].transpose(1, 2)).mul_(row_scale).sum(0)
+            g = ws.get("g_h", (heads, rows, folded[layer - 1].shape[-1]), grad_q)
+            torch.bmm(g_z, folded[layer - 1], out=g)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _unit_norm(ws: Workspace, heads: int, rows: int, d: int, like: Tensor) -> dict[str, Tensor]:
+        """Statistics mean 0 / 1/std 1 (u is already normalised) and an identity affine for the LayerNorm
+        backward kernel (its weight/bias gradients are computed into scratch and ignored)."""
+        zeros = ws.get("unit_zeros", (heads, rows, 1), like)
+        ones = ws.get("unit_ones", (heads, rows, 1), like)
+        zeros.zero_()
+        ones.fill_(1.0)
+        ones_d = ws.get(f"unit_ones_d{d}", (d,), like).fill_(1.0)
+        zeros_d = ws.get(f"unit_zeros_d{d}", (d,), like).zero_()
+        return {"zeros": zeros, "ones": ones, "ones_d": ones_d, "zeros_d": zeros_d,
+                "grad_w": ws.get(f"unit_gw{d}", (d,), like), "grad_b": ws.get(f"unit_gb{d}", (d,), like)}
+
+
+class _ParticleCritic(torch.autograd.Function):
+    """Q of an `EnsembleCritic` at particles: fused forward, hand-written backward to the particles only."""
+
+    @staticmethod
+    def forward(ctx, actions: Tensor, encoded: Tensor, critic: EnsembleCritic) -> Tensor:  # type: ignore[override]
+        fused = _fused(critic)
+        q = fused.values(critic, encoded, actions, save=True)
+        ctx.critic, ctx.token = critic, fused.token
+        ctx.save_for_backward(actions, encoded)
+        return q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        actions, encoded = ctx.saved_tensors
+        fused = _fused(ctx.critic)
+        if fused.token != ctx.token:  # another saving forward overwrote our activations: redo ours
+            fused.values(ctx.critic, encoded, actions, save=True)
+        grad = fused.action_grad(grad_q.reshape(-1, grad_q.shape[-1]).to(actions.dtype))
+        return grad.reshape(actions.shape), None, None
 
 
 class AmortizedGradientNetwork(nn.Module):

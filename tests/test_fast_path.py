@@ -1,0 +1,196 @@
+"""The speed paths give the plain paths' numbers: fused critic passes, buffer-reusing MLP inference, the
+closed-form Stein repulsion, and whole agent updates (fast_path True vs False) on a fixed seed.
+
+tests/test_rl_agent.py already pins one Stein and one amortised update sequence; here every fast piece is
+checked on its own (float64, tight tolerances) and the agent over more settings (min heads, L = 0, Gaussian
+reference). Tiny sizes: the file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
+from vgf_prob.distributions.networks import ConditionalMLP, Workspace
+from vgf_prob.rl.agent import VGFAgent
+from vgf_prob.rl.config import VGFConfig
+from vgf_prob.rl.networks import EnsembleCritic
+
+OBS, ACT, BATCH = 5, 3, 12
+TINY = VGFConfig(
+    critic_hidden_dims=(24, 16),
+    bc_hidden_dims=(24, 16),
+    amortized_hidden_dims=(24, 16),
+    num_particles=4,
+    flow_steps=3,
+    batch_size=BATCH,
+    train_budget=2,
+)
+
+
+def perturbed_critic(hidden=(24, 20, 16), heads=3, dtype=torch.float64) -> EnsembleCritic:
+    """A critic whose LayerNorm scales/shifts and biases are not at their init values (so every term counts)."""
+    torch.manual_seed(0)
+    critic = EnsembleCritic(OBS, ACT, hidden, num_heads=heads).to(dtype)
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return critic
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "min", "weighted"])
+def test_fused_critic_gradient_matches_autograd(aggregate: str) -> None:
+    critic = perturbed_critic()
+    encoded = critic.encode_obs(torch.randn(4, OBS, dtype=torch.float64)).detach()
+    x = torch.randn(4, 6, ACT, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 6, 3, dtype=torch.float64)
+    combine = {
+        "mean": lambda q: q.mean(-1),
+        "min": lambda q: q.amin(-1),
+        "weighted": lambda q: (q * weights).sum(-1),
+    }[aggregate]
+    plain_q = critic.forward_from_encoding(encoded, x)
+    (plain,) = torch.autograd.grad(combine(plain_q).sum(), x)
+    fused_q = critic.particle_values(encoded, x)
+    (fused,) = torch.autograd.grad(combine(fused_q).sum(), x)
+    torch.testing.assert_close(fused_q, plain_q.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in critic.parameters())
+
+
+def test_fused_critic_without_grad_matches_and_float32_is_close() -> None:
+    critic = perturbed_critic()
+    encoded = critic.encode_obs(torch.randn(3, OBS, dtype=torch.float64))
+    x = torch.randn(3, 5, ACT, dtype=torch.float64)
+    with torch.enable_grad():
+        plain = critic.forward_from_encoding(encoded, x).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(critic.forward_from_encoding(encoded, x), plain, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(critic.particle_values(encoded, x), plain, rtol=1e-12, atol=1e-12)
+    critic32 = copy.deepcopy(critic).float()
+    with torch.no_grad():
+        fast32 = critic32.particle_values(encoded.float(), x.float())
+    torch.testing.assert_close(fast32.double(), plain, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_critic_backward_after_another_forward_recomputes() -> None:
+    critic = perturbed_critic()
+    encoded = critic.encode_obs(torch.randn(2, OBS, dtype=torch.float64)).detach()
+    x1 = torch.randn(2, 4, ACT, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, 4, ACT, dtype=torch.float64, requires_grad=True)
+    q1 = critic.particle_values(encoded, x1)
+    q2 = critic.particle_values(encoded, x2)  # overwrites the saved activations of q1
+    (g1,) = torch.autograd.grad(q1.sum(), x1)
+    (g2,) = torch.autograd.grad(q2.sum(), x2)
+    (ref1,) = torch.autograd.grad(critic.forward_from_encoding(encoded, x1).sum(), x1)
+    (ref2,) = torch.autograd.grad(critic.forward_from_encoding(encoded, x2).sum(), x2)
+    torch.testing.assert_close(g1, ref1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g2, ref2, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_critic_sees_parameter_updates_and_survives_copies() -> None:
+    critic = perturbed_critic()
+    encoded = critic.encode_obs(torch.randn(2, OBS, dtype=torch.float64)).detach()
+    x = torch.randn(2, 4, ACT, dtype=torch.float64, requires_grad=True)
+    critic.particle_values(encoded, x).sum().backward()  # warms the cached weights
+    with torch.no_grad():
+        critic.trunk.norms[0].weight.mul_(1.5)  # an optimiser step changes parameters in place
+        critic.trunk.hidden[0].weight.add_(0.1)
+    (fused,) = torch.autograd.grad(critic.particle_values(encoded, x).sum(), x)
+    (plain,) = torch.autograd.grad(critic.forward_from_encoding(encoded, x).sum(), x)
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    for clone in (copy.deepcopy(critic), pickle.loads(pickle.dumps(critic))):
+        (again,) = torch.autograd.grad(clone.particle_values(encoded, x).sum(), x)
+        torch.testing.assert_close(again, plain, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_mlp_inference_path_is_exact_and_reuses_buffers(layer_norm: bool) -> None:
+    torch.manual_seed(0)
+    net = ConditionalMLP(OBS, ACT + 1, ACT, hidden_dims=(16, 12, 8), layer_norm=layer_norm).double()
+    context, inputs = torch.randn(4, OBS, dtype=torch.float64), torch.randn(4, 5, ACT + 1, dtype=torch.float64)
+    encoded = net.encode_context(context).unsqueeze(-2)
+    plain = net(context.unsqueeze(-2).expand(4, 5, OBS), inputs).detach()
+    with torch.no_grad():
+        first = net.forward_from_context(encoded, inputs)
+        buffers = {name: [b.data_ptr() for b in kept] for name, kept in net._workspace._buffers.items()}
+        second = net.forward_from_context(encoded, inputs)
+    torch.testing.assert_close(first, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(second, plain, rtol=1e-12, atol=1e-12)
+    assert buffers and buffers == {name: [b.data_ptr() for b in kept] for name, kept in net._workspace._buffers.items()}
+    # with grad enabled the autograd path runs (parameters get gradients)
+    net(context.unsqueeze(-2).expand(4, 5, OBS), inputs).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_workspace_keeps_a_few_shapes_and_copies_empty() -> None:
+    ws = Workspace()
+    like = torch.zeros(1)
+    a = ws.get("x", (2, 3), like)
+    b = ws.get("x", (4, 3), like)
+    assert ws.get("x", (2, 3), like) is a and ws.get("x", (4, 3), like) is b
+    for n in range(Workspace.SHAPES_PER_NAME + 1):
+        ws.get("x", (5 + n,), like)
+    assert ws.get("x", (2, 3), like) is not a
+    assert copy.deepcopy(ws)._buffers == {} and pickle.loads(pickle.dumps(ws))._buffers == {}
+
+
+def test_flow_matching_sampling_is_the_same_with_and_without_the_inference_path(monkeypatch) -> None:
+    torch.manual_seed(0)
+    policy = FlowMatchingPolicy(OBS, ACT, hidden_dims=(16, 16), num_steps=4).double()
+    obs = torch.randn(3, OBS, dtype=torch.float64)
+    fast = policy(obs).sample_particles(5, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr("vgf_prob.distributions.networks.fast_inference_allowed", lambda *a: False)
+    plain = policy(obs).sample_particles(5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+
+
+def make_batch(step: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return {
+        "observations": torch.randn(BATCH, OBS, generator=g, dtype=dtype),
+        "actions": torch.rand(BATCH, ACT, generator=g, dtype=dtype) * 2 - 1,
+        "rewards": torch.randn(BATCH, generator=g, dtype=dtype),
+        "next_observations": torch.randn(BATCH, OBS, generator=g, dtype=dtype),
+        "masks": (torch.rand(BATCH, generator=g) > 0.1).to(dtype),
+    }
+
+
+AGENT_SETTINGS = {
+    "stein-min": dict(head_aggregation="min"),
+    "stein-textbook-bandwidth": dict(differentiate_bandwidth=False, train_budget=3),
+    "best-of-n": dict(train_budget=0),
+    "amortized": dict(variant="amortized"),
+    "gaussian-reference": dict(reference="gaussian"),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(AGENT_SETTINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_agent_fast_and_plain_paths_give_the_same_losses(setting: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    config = TINY.replace(**AGENT_SETTINGS[setting])
+    fast = VGFAgent(OBS, ACT, config, dtype=dtype)
+    plain = VGFAgent(OBS, ACT, config.replace(fast_path=False), dtype=dtype)
+    plain.load_state_dict(fast.state_dict())
+    rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-9, 1e-10)
+    g_fast, g_plain = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for step in range(3):
+        batch = make_batch(step, dtype)
+        info_fast, info_plain = fast.update(batch, g_fast), plain.update(batch, g_plain)
+        assert info_fast.keys() == info_plain.keys()
+        for key in info_fast:
+            torch.testing.assert_close(info_fast[key], info_plain[key], rtol=rtol, atol=atol, msg=key)
+    for p_fast, p_plain in zip(fast.parameters(), plain.parameters()):
+        torch.testing.assert_close(p_fast, p_plain, rtol=rtol, atol=atol)
+    obs = torch.randn(6, OBS, dtype=dtype)
+    for budget in (0, 1, 3):
+        torch.testing.assert_close(
+            fast.act(obs, budget=budget, generator=torch.Generator().manual_seed(1)),
+            plain.act(obs, budget=budget, generator=torch.Generator().manual_seed(1)), rtol=rtol, atol=atol,
+        )
