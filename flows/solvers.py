@@ -89,6 +89,8 @@ class DiscreteSolver:
         state = self.init_state(x0)
         x = x0
         for step in range(max_steps):
+            if self.check_finite and not bool(active.any()):
+                break  # every state has spent its budget (checked only where the loop already syncs)
             velocity = field(obs, x, value)
             if self.check_finite:
                 check_finite_velocity(velocity)
