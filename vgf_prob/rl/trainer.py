@@ -56,7 +56,7 @@ from vgf_prob.rl.offline_dataset import OfflineDataset
 
 TRAIN_LOG = "train.csv"
 EVAL_LOG = "eval.csv"
-EVAL_COLUMNS = ("step", "policy", "L_test", "score", "score_std", "mean_return", "episodes", "score_kind")
+EVAL_COLUMNS = ("step", "policy", "L_test", "score", "score_std", "mean_return", "return_std", "episodes", "score_kind")
 ONLINE_COLUMNS = ("online_episodes", "online_return", "online_success")
 PROGRESS_KEYS = ("critic_loss", "bc_loss", "q_mean")
 
@@ -65,8 +65,8 @@ PROGRESS_KEYS = ("critic_loss", "bc_loss", "q_mean")
 class TrainResult:
     """What a `train` / `finetune` run produced.
 
-    ``final_scores`` has one row per evaluated policy at the last step (``policy``, ``L_test``,
-    ``score``, ``score_std``, ``mean_return``, ``episodes``, ``score_kind``); ``table`` is them rendered
+    ``final_scores`` has one row per evaluated policy at the last step (``policy``, ``L_test``, ``score``,
+    ``score_std``, ``mean_return``, ``return_std``, ``episodes``, ``score_kind``); ``table`` is them rendered
     as text. ``phase_seconds`` splits the wall time into ``training``, ``evaluation``, ``checkpoints``
     and ``online`` (environment steps while fine-tuning).
     """
@@ -268,7 +268,8 @@ def _run(
 
         if env_name is not None and (step % eval_every == 0 or step == total_steps):
             t0 = time.perf_counter()
-            last_scores = evaluate_policies(agent, env_name, eval_budgets, eval_episodes, seed, step, env_kwargs)
+            last_scores = evaluate_policies(agent, env_name, eval_budgets, eval_episodes, seed, step, env_kwargs,
+                                            progress)  # fmt: skip
             for row in last_scores:
                 eval_log.write({"step": step, **row})
                 if tensorboard is not None:
@@ -320,12 +321,14 @@ def evaluate_policies(
     seed: int,
     step: int = 0,
     env_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Score the BC reference, best-of-N (budget 0) and VGF (each budget > 0) on the same episodes.
 
     Episode ``k`` of every policy resets the environment with seed ``seed + k``; the agent's noise comes
     from a generator seeded by ``(seed, step)`` and every global RNG is restored afterwards.
-    Returns rows ``policy, L_test, score, score_std, mean_return, episodes, score_kind``.
+    Returns rows ``policy, L_test, score, score_std, mean_return, return_std, episodes, score_kind``;
+    ``progress`` shows a bar per policy.
     """
     from vgf_prob.rl.evaluate import evaluate, make_envs
 
@@ -341,11 +344,12 @@ def evaluate_policies(
         envs = make_envs(env_name, min(num_episodes, 10), **(env_kwargs or {}))
         try:
             for name, budget, act_fn in policies:
-                result = evaluate(act_fn, env_name, num_episodes, seed, device=agent.device, envs=envs)
+                result = evaluate(act_fn, env_name, num_episodes, seed, device=agent.device, envs=envs,
+                                  progress=progress)  # fmt: skip
                 rows.append({
                     "policy": name, "L_test": budget, "score": result.score, "score_std": result.score_std,
-                    "mean_return": result.mean_return, "episodes": result.num_episodes,
-                    "score_kind": result.score_kind,
+                    "mean_return": result.mean_return, "return_std": result.std_return,
+                    "episodes": result.num_episodes, "score_kind": result.score_kind,
                 })  # fmt: skip
         finally:
             for env in envs:
@@ -358,15 +362,15 @@ def _budget_act_fn(agent: Any, budget: Any, generator: torch.Generator) -> Calla
 
 
 def format_scores(rows: Sequence[Mapping[str, Any]], title: str, print_table: bool = False) -> str:
-    """The final comparison table (policy, L_test, score ± std, mean return) as text."""
+    """The final comparison table (policy, L_test, score ± std, mean return ± std over episodes) as text."""
     from vgf_prob.rl.evaluate import format_table
 
     kind = rows[0]["score_kind"] if rows else "score"
     unit = {"success_rate": "success %", "d4rl_normalized": "D4RL score", "return": "return"}.get(kind, kind)
     table_rows = [
         {"policy": r["policy"], "L_test": "-" if r["L_test"] is None else r["L_test"],
-         unit: f"{r['score']:.1f} ± {r['score_std']:.1f}", "mean return": r["mean_return"],
-         "episodes": r["episodes"]}
+         unit: f"{r['score']:.1f} ± {r['score_std']:.1f}",
+         "mean return": f"{r['mean_return']:.1f} ± {r['return_std']:.1f}", "episodes": r["episodes"]}
         for r in rows
     ]  # fmt: skip
     return format_table(table_rows, title=title, print_table=print_table)
