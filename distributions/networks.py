@@ -89,16 +89,48 @@ class Workspace:
 
 def fast_inference_allowed(module: nn.Module, *inputs: Tensor) -> bool:
     """Whether a hand-written no-grad pass may replace ``module``'s autograd forward: no graph is being
-    recorded for it (grad mode off, or neither its parameters nor the inputs need one), no autocast is active
-    on the inputs' device (the fast passes write float32 buffers), and ``module`` is not torch.compile'd."""
-    if torch.is_autocast_enabled(inputs[0].device.type):
-        return False
+    recorded for it (grad mode off, or neither its parameters nor the inputs need one) and ``module`` is
+    not torch.compile'd. Under autocast the fast passes compute in the autocast dtype (`compute_dtype`)."""
     if getattr(module, "_compiled_call_impl", None) is not None:
         return False
     if torch.is_grad_enabled():
         if any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters()):
             return False
     return True
+
+
+def compute_dtype(like: Tensor, parameter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a fast pass computes in: the autocast dtype when autocast is on for ``like``'s device and
+    the parameters are float32 (bfloat16 products and activations, as ``flow_autocast_bf16`` asks), else the
+    parameters' dtype."""
+    device_type = like.device.type
+    if torch.is_autocast_enabled(device_type) and parameter_dtype == torch.float32:
+        return torch.get_autocast_dtype(device_type)
+    return parameter_dtype
+
+
+class CastWeights:
+    """Parameters cast to a compute dtype, recast only when a parameter changed (tensor versions)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._cast: list[Tensor] = []
+
+    def __call__(self, params: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+        if all(p.dtype == dtype for p in params):
+            return params
+        key = (dtype, *((p.data_ptr(), p._version) for p in params))
+        if key != self._key:
+            with torch.no_grad():
+                self._cast = [p.detach().to(dtype) for p in params]
+            self._key = key
+        return self._cast
+
+    def __deepcopy__(self, memo: dict) -> "CastWeights":
+        return CastWeights()
+
+    def __getstate__(self) -> dict:
+        return CastWeights().__dict__
 
 
 class ConditionalMLP(nn.Module):
@@ -125,6 +157,7 @@ class ConditionalMLP(nn.Module):
         hidden_dims = tuple(hidden_dims)
         first_width = hidden_dims[0] if hidden_dims else output_dim
         self._workspace = Workspace()
+        self._cast_weights = CastWeights()
         self.first = _init_linear(nn.Linear(context_dim + input_dim, first_width))
         if hidden_dims:
             self.first_activation = nn.Sequential(*_activation(first_width, layer_norm, layer_norm_eps))
@@ -154,7 +187,7 @@ class ConditionalMLP(nn.Module):
         layers = [*self.first_activation, *self.trunk] if isinstance(self.trunk, nn.Sequential) else None
         if not layers or not all(isinstance(m, (nn.Linear, nn.LayerNorm, nn.ReLU)) for m in layers):
             return None
-        if not isinstance(layers[-1], nn.Linear):
+        if not isinstance(layers[-1], nn.Linear) or any(isinstance(m, nn.Linear) and m.bias is None for m in layers):
             return None
         return layers
 
@@ -164,38 +197,46 @@ class ConditionalMLP(nn.Module):
 
         The first layer is ``encoded`` broadcast into the buffer plus ``inputs @ W_x^T`` accumulated in place;
         each further Linear is one ``addmm`` with its bias into the next buffer, LayerNorm writes into a
-        buffer, ReLU is in place. Only the output ``[..., output_dim]`` is a new tensor.
+        buffer, ReLU is in place. Only the output ``[..., output_dim]`` is a new tensor. Under a bfloat16
+        autocast everything (weights, activations, output) is bfloat16, as autocast's Linear gives.
         """
         layers = self._fast_layers
         if layers is None:
             raise RuntimeError("infer_from_context needs a trunk of Linear / LayerNorm / ReLU layers")
+        dtype = compute_dtype(inputs, self.first.weight.dtype)
+        with torch.autocast(inputs.device.type, enabled=False):
+            return self._infer(layers, encoded.to(dtype), inputs.to(dtype), dtype)
+
+    def _infer(self, layers: list[nn.Module], encoded: Tensor, inputs: Tensor, dtype: torch.dtype) -> Tensor:
         workspace = self._workspace
+        params = self._cast_weights([self.first.weight, *(p for m in layers for p in m.parameters())], dtype)
+        first_weight, rest = params[0], iter(params[1:])
         lead = torch.broadcast_shapes(encoded.shape[:-1], inputs.shape[:-1])
         rows = math.prod(lead)
         width = self.first.out_features
         hidden = workspace.get("h0", (rows, width), encoded)
         hidden.view(*lead, width).copy_(encoded.expand(*lead, width))
         flat_inputs = inputs.expand(*lead, inputs.shape[-1]).reshape(rows, inputs.shape[-1])
-        hidden.addmm_(flat_inputs, self.first.weight[:, self.context_dim :].t())
+        hidden.addmm_(flat_inputs, first_weight[:, self.context_dim :].t())
         ping = 1
         for layer in layers[:-1]:
             if isinstance(layer, nn.ReLU):
                 hidden.relu_()
                 continue
+            weight, bias = (next(rest) if getattr(layer, name) is not None else None for name in ("weight", "bias"))
             out_width = layer.out_features if isinstance(layer, nn.Linear) else hidden.shape[-1]
             out = workspace.get(f"h{ping}", (rows, out_width), hidden)
             ping ^= 1
             if isinstance(layer, nn.Linear):
-                torch.addmm(layer.bias, hidden, layer.weight.t(), out=out)
+                torch.addmm(bias, hidden, weight.t(), out=out)
             else:
                 stats = workspace.get("ln_stats", (2, rows, 1), hidden)
-                torch.ops.aten.native_layer_norm.out(
-                    hidden, list(layer.normalized_shape), layer.weight, layer.bias, layer.eps,
-                    out0=out, out1=stats[0], out2=stats[1],
-                )
+                torch.ops.aten.native_layer_norm.out(hidden, list(layer.normalized_shape), weight, bias, layer.eps,
+                                                     out0=out, out1=stats[0], out2=stats[1])
             hidden = out
         last = layers[-1]
-        return torch.addmm(last.bias, hidden, last.weight.t()).view(*lead, last.out_features)
+        weight, bias = next(rest), next(rest)
+        return torch.addmm(bias, hidden, weight.t()).view(*lead, last.out_features)
 
     def forward(self, context: Tensor, inputs: Tensor) -> Tensor:
         """MLP(concat(context, inputs)); ``context`` and ``inputs`` share their leading dimensions."""

@@ -194,3 +194,32 @@ def test_agent_fast_and_plain_paths_give_the_same_losses(setting: str, dtype: to
             fast.act(obs, budget=budget, generator=torch.Generator().manual_seed(1)),
             plain.act(obs, budget=budget, generator=torch.Generator().manual_seed(1)), rtol=rtol, atol=atol,
         )
+
+
+def test_bfloat16_autocast_runs_the_fused_passes_in_bfloat16_close_to_float32() -> None:
+    critic = perturbed_critic(dtype=torch.float32)
+    encoded = critic.encode_obs(torch.randn(4, OBS)).detach()
+    x = torch.rand(4, 8, ACT) * 2 - 1
+    x32 = x.clone().requires_grad_()
+    (g32,) = torch.autograd.grad(critic.particle_values(encoded, x32).mean(-1).sum(), x32)
+    x16 = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q16 = critic.particle_values(encoded, x16)
+        (g16,) = torch.autograd.grad(q16.mean(-1).sum(), x16)
+    assert q16.dtype == torch.float32 and g16.dtype == torch.float32
+    assert critic._fused_passes.saved_dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.97
+    net = ConditionalMLP(OBS, ACT, ACT, hidden_dims=(16, 16), layer_norm=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = net.forward_from_context(net.encode_context(torch.randn(3, OBS)).unsqueeze(-2), torch.randn(3, 5, ACT))
+    assert fast.dtype == torch.bfloat16
+
+
+def test_bfloat16_agent_trains_and_acts() -> None:
+    torch.manual_seed(0)
+    agent = VGFAgent(OBS, ACT, TINY.replace(flow_autocast_bf16=True))
+    for step in range(2):
+        info = agent.update(make_batch(step), torch.Generator().manual_seed(step))
+        assert all(torch.isfinite(v) for v in info.values())
+    action = agent.act(torch.randn(OBS), budget=2)
+    assert action.dtype == torch.float32 and action.abs().max() <= 1

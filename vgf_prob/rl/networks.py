@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vgf_prob.distributions.networks import ConditionalMLP, Workspace, fast_inference_allowed
+from vgf_prob.distributions.networks import ConditionalMLP, Workspace, compute_dtype, fast_inference_allowed
 
 
 class EnsembleLinear(nn.Module):
@@ -122,7 +122,7 @@ class EnsembleCritic(nn.Module):
         gradients, no autograd graph of the layers). Falls back to the autograd forward under autocast or
         torch.compile.
         """
-        if not self._fusable() or torch.is_autocast_enabled(actions.device.type):
+        if not self._fusable():
             return self.forward_from_encoding(encoded, actions)
         if torch.is_grad_enabled() and actions.requires_grad:
             return _ParticleCritic.apply(actions, encoded, self)
@@ -159,8 +159,8 @@ class _FusedEnsemble:
     def __init__(self) -> None:
         self.workspace = Workspace()
         self.token = 0
-        self._weights_key: tuple | None = None
-        self._weights: dict[str, list] = {}
+        self._weights: dict[torch.dtype, tuple[tuple, dict[str, list]]] = {}
+        self.saved_dtype: torch.dtype | None = None
 
     def __deepcopy__(self, memo: dict) -> _FusedEnsemble:
         return _FusedEnsemble()
@@ -168,41 +168,53 @@ class _FusedEnsemble:
     def __getstate__(self) -> dict:
         return _FusedEnsemble().__dict__
 
-    def weights(self, critic: EnsembleCritic) -> dict[str, list]:
-        """Per-layer views of the parameters and the gamma-folded transposed weights of the backward,
+    def weights(self, critic: EnsembleCritic, dtype: torch.dtype) -> dict[str, list]:
+        """Per-layer parameters in the compute dtype and the gamma-folded transposed weights of the backward,
         rebuilt only when a parameter changed (optimiser steps bump the tensors' versions)."""
         params = list(critic.parameters())
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params)
-        if key != self._weights_key:
+        cached = self._weights.get(dtype)
+        if cached is None or cached[0] != key:
             trunk = critic.trunk
             with torch.no_grad():
-                gammas = [norm.weight for norm in trunk.norms]
-                above = [layer.weight for layer in trunk.hidden] + [trunk.output.weight]
+                cast = [p.detach().to(dtype) for p in params]
+                named = dict(zip([name for name, _ in critic.named_parameters()], cast))
+                n_layers = len(trunk.norms)
+                gammas = [named[f"trunk.norms.{i}.weight"] for i in range(n_layers)]
+                above = [named[f"trunk.hidden.{i}.weight"] for i in range(n_layers - 1)] + [named["trunk.output.weight"]]
                 # (gamma_l * W_{l+1})^T as [H, D_{l+1}, D_l]: g_h_l * gamma_l = g_z_{l+1} @ this
                 folded = [(gamma.transpose(1, 2) * weight).transpose(1, 2) for gamma, weight in zip(gammas, above)]
-            self._weights = {
-                "w_a": critic.first.weight[:, critic.obs_dim :],
+            weights = {
+                "w_a": named["first.weight"][:, critic.obs_dim :],
                 "gamma": gammas,
-                "beta": [norm.bias for norm in trunk.norms],
+                "beta": [named[f"trunk.norms.{i}.bias"] for i in range(n_layers)],
                 "eps": [norm.eps for norm in trunk.norms],
-                "w": [layer.weight for layer in trunk.hidden],
-                "b": [layer.bias for layer in trunk.hidden],
-                "w_out": trunk.output.weight,
-                "b_out": trunk.output.bias,
+                "w": [named[f"trunk.hidden.{i}.weight"] for i in range(n_layers - 1)],
+                "b": [named[f"trunk.hidden.{i}.bias"] for i in range(n_layers - 1)],
+                "w_out": named["trunk.output.weight"],
+                "b_out": named["trunk.output.bias"],
                 "folded_t": folded,
             }
-            self._weights_key = key
-        return self._weights
+            cached = self._weights[dtype] = (key, weights)
+        return cached[1]
 
     @torch.no_grad()
-    def values(self, critic: EnsembleCritic, encoded: Tensor, actions: Tensor, save: bool) -> Tensor:
+    def values(self, critic: EnsembleCritic, encoded: Tensor, actions: Tensor, save: bool,
+               dtype: torch.dtype | None = None) -> Tensor:
         """Q ``[*lead, H]`` at ``actions [*lead, A]``, lead = (B, N) broadcast against ``encoded [H, B, 1, D0]``.
 
         LayerNorm runs in place on the product's buffer: mean, subtract, norm, scale (faster here than the
         fused kernel). ``save`` keeps each layer's normalised u, 1/std and output h for ``action_grad``;
         without it one set of buffers (kept apart from the saved ones) serves all layers.
         """
-        w = self.weights(critic)
+        dtype = dtype or compute_dtype(actions, critic.first.weight.dtype)
+        with torch.autocast(actions.device.type, enabled=False):
+            q = self._values(critic, encoded.to(dtype), actions.to(dtype), save, dtype)
+        return q.to(actions.dtype)
+
+    def _values(self, critic: EnsembleCritic, encoded: Tensor, actions: Tensor, save: bool,
+                dtype: torch.dtype) -> Tensor:
+        w = self.weights(critic, dtype)
         ws = self.workspace
         heads, width = encoded.shape[0], encoded.shape[-1]
         lead = actions.shape[:-1]
@@ -215,16 +227,19 @@ class _FusedEnsemble:
         layers = len(w["gamma"])
         if save:
             self.token += 1
+            self.saved_dtype = dtype
         for layer in range(layers):
             tag = layer if save else 0
             d = u.shape[-1]
-            mean = ws.get("mean", (heads, rows, 1), u)
-            rstd = ws.get(f"{prefix}rstd{tag}", (heads, rows, 1), u)
-            torch.mean(u, -1, keepdim=True, out=mean)
-            u.sub_(mean)
-            torch.linalg.vector_norm(u, 2, -1, keepdim=True, out=rstd)
+            stat_dtype = torch.promote_types(u.dtype, torch.float32)  # statistics in float32 at least
+            stat_like = u.new_empty((), dtype=stat_dtype)
+            mean = ws.get("mean", (heads, rows, 1), stat_like)
+            rstd = ws.get(f"{prefix}rstd{tag}", (heads, rows, 1), stat_like)
+            torch.mean(u, -1, keepdim=True, dtype=stat_dtype, out=mean)
+            u.sub_(mean.to(u.dtype))  # (same-dtype in-place ops: a mixed-dtype one copies the whole tensor)
+            torch.linalg.vector_norm(u, 2, -1, keepdim=True, dtype=stat_dtype, out=rstd)
             rstd.square_().div_(d).add_(w["eps"][layer]).rsqrt_()
-            u.mul_(rstd)
+            u.mul_(rstd.to(u.dtype))
             h = ws.get(f"{prefix}h{tag}", (heads, rows, d), u)
             torch.addcmul(w["beta"][layer], u, w["gamma"][layer], out=h)
             h.relu_()
@@ -242,18 +257,21 @@ class _FusedEnsemble:
         Every step of the backward is linear per row, so the LayerNorms' 1/std row factors are applied
         once, to the final ``[H, M, A]`` gradient (the LayerNorm backward runs on u with mean 0, std 1).
         """
-        w = self._weights
+        w = self._weights[self.saved_dtype][1]
         ws = self.workspace
+        out_dtype = grad_q.dtype
+        grad_q = grad_q.to(w["w_out"].dtype)
         rows, heads = grad_q.shape
         folded = w["folded_t"]
         g = ws.get("g_h", (heads, rows, folded[-1].shape[-1]), grad_q)
         torch.mul(grad_q.t().unsqueeze(-1), folded[-1], out=g)
-        row_scale = grad_q.new_ones(heads, rows, 1)
+        row_scale = grad_q.new_ones(heads, rows, 1, dtype=torch.promote_types(grad_q.dtype, torch.float32))
         for layer in reversed(range(len(folded))):
             d = g.shape[-1]
             h = ws.get(f"h{layer}", (heads, rows, d), grad_q)
             u = ws.get(f"u{layer}", (heads, rows, d), grad_q)
-            row_scale.mul_(ws.get(f"rstd{layer}", (heads, rows, 1), grad_q))
+            rstd = ws.get(f"rstd{layer}", (heads, rows, 1), row_scale)
+            row_scale.mul_(rstd)
             g_u = ws.get("g_u", (heads, rows, d), grad_q)
             torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=g_u)
             g_z = ws.get("g_z", (heads, rows, d), grad_q)
@@ -263,7 +281,8 @@ class _FusedEnsemble:
                 out0=g_z, out1=unit["grad_w"], out2=unit["grad_b"],
             )
             if layer == 0:
-                return torch.bmm(g_z, w["w_a"].transpose(1, 2)).mul_(row_scale).sum(0)
+                grad = torch.bmm(g_z, w["w_a"].transpose(1, 2)).to(row_scale.dtype).mul_(row_scale).sum(0)
+                return grad.to(out_dtype)
             g = ws.get("g_h", (heads, rows, folded[layer - 1].shape[-1]), grad_q)
             torch.bmm(g_z, folded[layer - 1], out=g)
         raise AssertionError("unreachable")
@@ -289,7 +308,7 @@ class _ParticleCritic(torch.autograd.Function):
     def forward(ctx, actions: Tensor, encoded: Tensor, critic: EnsembleCritic) -> Tensor:  # type: ignore[override]
         fused = _fused(critic)
         q = fused.values(critic, encoded, actions, save=True)
-        ctx.critic, ctx.token = critic, fused.token
+        ctx.critic, ctx.token, ctx.dtype = critic, fused.token, fused.saved_dtype
         ctx.save_for_backward(actions, encoded)
         return q
 
@@ -299,7 +318,7 @@ class _ParticleCritic(torch.autograd.Function):
         actions, encoded = ctx.saved_tensors
         fused = _fused(ctx.critic)
         if fused.token != ctx.token:  # another saving forward overwrote our activations: redo ours
-            fused.values(ctx.critic, encoded, actions, save=True)
+            fused.values(ctx.critic, encoded, actions, save=True, dtype=ctx.dtype)
         grad = fused.action_grad(grad_q.reshape(-1, grad_q.shape[-1]).to(actions.dtype))
         return grad.reshape(actions.shape), None, None
 
