@@ -133,6 +133,54 @@ class CastWeights:
         return CastWeights().__dict__
 
 
+SMALL_ROWS = 64
+"""Up to this many rows (e.g. acting on one state with N particles), ``infer_from_context`` uses oneDNN
+products with pre-packed weights (about 1.3x faster than MKL's at 10 x 512 x 512 on the benchmark CPU)."""
+
+
+def _small_linear_available(like: Tensor) -> bool:
+    return (
+        like.device.type == "cpu"
+        and like.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+class _FastPlan:
+    """What ``ConditionalMLP``'s fast path needs to know about its layers, worked out once per trunk; copies
+    and pickles start empty (the parameters they refer to are re-found)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self._layers: list[nn.Module] | None = None
+        self.parameters: list[Tensor] = []
+        self.packed: dict = {}
+
+    def layers(self, net: "ConditionalMLP") -> list[nn.Module] | None:
+        key = (id(net.first), id(net.first_activation), id(net.trunk))
+        if key != self.key:
+            layers = [*net.first_activation, *net.trunk] if isinstance(net.trunk, nn.Sequential) else None
+            valid = (
+                bool(layers)
+                and all(isinstance(m, (nn.Linear, nn.LayerNorm, nn.ReLU)) for m in layers)
+                and isinstance(layers[-1], nn.Linear)
+                and all(m.bias is not None for m in layers if isinstance(m, nn.Linear))
+            )
+            self._layers = layers if valid else None
+            self.parameters = [net.first.weight, *(p for m in layers for p in m.parameters())] if valid else []
+            self.packed = {}
+            self.key = key
+        return self._layers
+
+    def __deepcopy__(self, memo: dict) -> "_FastPlan":
+        return _FastPlan()
+
+    def __getstate__(self) -> dict:
+        return _FastPlan().__dict__
+
+
 class ConditionalMLP(nn.Module):
     """y = MLP(concat(c, x)), with the first layer split as W [c; x] + b = (W_c c + b) + W_x x.
 
@@ -158,6 +206,7 @@ class ConditionalMLP(nn.Module):
         first_width = hidden_dims[0] if hidden_dims else output_dim
         self._workspace = Workspace()
         self._cast_weights = CastWeights()
+        self._plan = _FastPlan()
         self.first = _init_linear(nn.Linear(context_dim + input_dim, first_width))
         if hidden_dims:
             self.first_activation = nn.Sequential(*_activation(first_width, layer_norm, layer_norm_eps))
@@ -183,13 +232,9 @@ class ConditionalMLP(nn.Module):
 
     @property
     def _fast_layers(self) -> list[nn.Module] | None:
-        """The layers after the first affine map when they are all Linear / LayerNorm / ReLU (else None)."""
-        layers = [*self.first_activation, *self.trunk] if isinstance(self.trunk, nn.Sequential) else None
-        if not layers or not all(isinstance(m, (nn.Linear, nn.LayerNorm, nn.ReLU)) for m in layers):
-            return None
-        if not isinstance(layers[-1], nn.Linear) or any(isinstance(m, nn.Linear) and m.bias is None for m in layers):
-            return None
-        return layers
+        """The layers after the first affine map when they are all Linear (with bias) / LayerNorm / ReLU
+        (else None); worked out once per trunk object."""
+        return self._plan.layers(self)
 
     @torch.no_grad()
     def infer_from_context(self, encoded: Tensor, inputs: Tensor) -> Tensor:
@@ -209,10 +254,12 @@ class ConditionalMLP(nn.Module):
 
     def _infer(self, layers: list[nn.Module], encoded: Tensor, inputs: Tensor, dtype: torch.dtype) -> Tensor:
         workspace = self._workspace
-        params = self._cast_weights([self.first.weight, *(p for m in layers for p in m.parameters())], dtype)
+        params = self._cast_weights(self._plan.parameters, dtype)
         first_weight, rest = params[0], iter(params[1:])
         lead = torch.broadcast_shapes(encoded.shape[:-1], inputs.shape[:-1])
         rows = math.prod(lead)
+        if rows <= SMALL_ROWS and _small_linear_available(inputs):
+            return self._infer_small(layers, encoded, inputs, lead, rows, first_weight, rest)
         width = self.first.out_features
         hidden = workspace.get("h0", (rows, width), encoded)
         hidden.view(*lead, width).copy_(encoded.expand(*lead, width))
@@ -237,6 +284,45 @@ class ConditionalMLP(nn.Module):
         last = layers[-1]
         weight, bias = next(rest), next(rest)
         return torch.addmm(bias, hidden, weight.t()).view(*lead, last.out_features)
+
+    def _infer_small(self, layers: list[nn.Module], encoded: Tensor, inputs: Tensor, lead: torch.Size, rows: int,
+                     first_weight: Tensor, rest) -> Tensor:
+        """A few rows (acting on one state): oneDNN products with weights packed once per parameter change
+        and the ReLU fused in; the outputs are small, so fresh tensors cost nothing here."""
+        width = self.first.out_features
+        flat_inputs = inputs.expand(*lead, inputs.shape[-1]).reshape(rows, inputs.shape[-1])
+        hidden = (encoded.expand(*lead, width).reshape(rows, width)
+                  .addmm(flat_inputs, first_weight[:, self.context_dim :].t()))
+        packed = self._packed(layers, first_weight.dtype, rows)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, nn.ReLU):
+                hidden = hidden.relu_()
+                i += 1
+                continue
+            weight, bias = (next(rest) if getattr(layer, name) is not None else None for name in ("weight", "bias"))
+            if isinstance(layer, nn.LayerNorm):
+                hidden = torch.native_layer_norm(hidden, list(layer.normalized_shape), weight, bias, layer.eps)[0]
+                i += 1
+                continue
+            fuse_relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+            hidden = torch.ops.mkldnn._linear_pointwise(hidden, packed[i], bias, "relu" if fuse_relu else "none",
+                                                        [], "")
+            i += 2 if fuse_relu else 1
+        return hidden.view(*lead, layers[-1].out_features)
+
+    def _packed(self, layers: list[nn.Module], dtype: torch.dtype, rows: int) -> dict[int, Tensor]:
+        """oneDNN-packed Linear weights (index in ``layers`` -> packed weight), cached per parameter version."""
+        linear = {i: m.weight for i, m in enumerate(layers) if isinstance(m, nn.Linear)}
+        key = (dtype, *((i, w.data_ptr(), w._version) for i, w in linear.items()))
+        cache = self._plan.packed
+        if cache.get("key") != key:
+            with torch.no_grad():
+                cache["weights"] = {i: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), SMALL_ROWS)
+                                    for i, w in linear.items()}
+            cache["key"] = key
+        return cache["weights"]
 
     def forward(self, context: Tensor, inputs: Tensor) -> Tensor:
         """MLP(concat(context, inputs)); ``context`` and ``inputs`` share their leading dimensions."""

@@ -223,3 +223,20 @@ def test_bfloat16_agent_trains_and_acts() -> None:
         assert all(torch.isfinite(v) for v in info.values())
     action = agent.act(torch.randn(OBS), budget=2)
     assert action.dtype == torch.float32 and action.abs().max() <= 1
+
+
+@pytest.mark.parametrize("rows", [(1, 10), (16, 10)])  # a few rows: oneDNN packed products; many: reused buffers
+def test_mlp_inference_float32_small_and_large_row_counts(rows: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    for layer_norm in (False, True):
+        net = ConditionalMLP(OBS, ACT + 1, ACT, hidden_dims=(64, 48, 32), layer_norm=layer_norm)
+        context, inputs = torch.randn(rows[0], OBS), torch.randn(*rows, ACT + 1)
+        plain = net(context.unsqueeze(-2).expand(*rows, OBS), inputs).detach()
+        with torch.no_grad():
+            for _ in range(2):  # the second call reuses packed weights / buffers
+                fast = net.forward_from_context(net.encode_context(context).unsqueeze(-2), inputs)
+                torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+            net.trunk[0].weight.add_(0.5)  # a parameter change must be seen (repacked)
+            plain = net(context.unsqueeze(-2).expand(*rows, OBS), inputs)
+            torch.testing.assert_close(net.forward_from_context(net.encode_context(context).unsqueeze(-2), inputs),
+                                       plain, rtol=1e-5, atol=1e-5)
