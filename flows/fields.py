@@ -8,12 +8,19 @@ particles only: no graph is left on the value's parameters.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from .kernels import median_bandwidth, pairwise_sq_distances, rbf_kernel
+from .kernels import (
+    BANDWIDTH_FLOOR,
+    KERNEL_DENOMINATOR_EPS,
+    median_bandwidth,
+    pairwise_sq_distances,
+    rbf_kernel,
+)
 
 ValueFn = Callable[[Tensor | None, Tensor], Tensor]
 
@@ -99,7 +106,74 @@ class SteinField:
 
 
 def _repulsion_through_bandwidth(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Kernel and the authors' repulsion -grad_x sum_ij K_{s(x)}(x_i, stopgrad(x_j)) (not yet divided by N)."""
+    """Kernel and the authors' repulsion -grad_x sum_ij K_{s(x)}(x_i, stopgrad(x_j)) (not yet divided by N),
+    in closed form (no autograd graph; `_repulsion_through_bandwidth_autograd` is the reference).
+
+    With K_ij = exp(-d_ij / c), d_ij = ||x_i - x_j||^2, c = 2 s^2 + 1e-6, s^2 = max(m / (2 log(N + 1)), 1e-12)
+    and m the median of the pairwise squared distances:
+        grad_i = sum_k K_ik (-2 (x_i - x_k) / c)                        (first argument; the second is held)
+               + (sum_jk K_jk d_jk / c^2) * 2 / (2 log(N + 1)) * dm/dx_i   (through the bandwidth),
+    where m is one (or the mean of two) selected off-diagonal d_ab, so dm/dx_a = 2 (x_a - x_b) w = -dm/dx_b.
+    """
+    n = x.shape[-2]
+    with torch.no_grad():
+        median, median_grad = _median_and_gradient(pairwise_sq_distances(x), x)
+        raw = median / (2.0 * math.log(n + 1))
+        bandwidth_sq = raw.clamp_min(BANDWIDTH_FLOOR)
+        denominator = (2.0 * bandwidth_sq + KERNEL_DENOMINATOR_EPS)[..., None, None]
+        difference = x.unsqueeze(-2) - x.unsqueeze(-3)  # explicit x_i - x_j: exact zeros for equal particles
+        sq = difference.square().sum(-1)
+        kernel = torch.exp(-sq / denominator)
+        direct = (kernel.unsqueeze(-1) * difference).sum(-2) * (-2.0 / denominator)
+        through_bandwidth = (kernel * sq).sum((-1, -2), keepdim=True) / denominator.square()
+        # c = 2 s^2 + eps and s^2 = m / (2 log(N + 1)) unless floored (clamp_min passes the gradient at >=)
+        dc_dm = (raw >= BANDWIDTH_FLOOR).to(x.dtype)[..., None, None] * (2.0 / (2.0 * math.log(n + 1)))
+        grad = direct + through_bandwidth * dc_dm * median_grad
+    return kernel, -grad
+
+
+def _median_and_gradient(sq_distances: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The median of all N*N entries of ``sq_distances`` (as `flows.kernels.median_bandwidth` takes it) and its
+    gradient with respect to the particles x, d2_ab = ||x_a||^2 + ||x_b||^2 - 2 x_a.x_b for the selected pairs."""
+    n = sq_distances.shape[-1]
+    grad = torch.zeros_like(x)
+    if n == 1:
+        return sq_distances[..., 0, 0], grad
+    rows, cols = torch.triu_indices(n, n, offset=1, device=x.device)
+    off_diagonal = sq_distances[..., rows, cols]
+    count = n * n
+
+    def kth_smallest(k: int) -> tuple[Tensor, Tensor | None]:
+        if k <= n:  # one of the N zeros of the diagonal: no gradient
+            return torch.zeros_like(off_diagonal[..., 0]), None
+        result = torch.kthvalue(off_diagonal, (k - n + 1) // 2, dim=-1)
+        return result.values, result.indices
+
+    upper, upper_index = kth_smallest(count // 2 + 1)
+    if count % 2:
+        terms, median = [(upper_index, 1.0)], upper
+    else:
+        lower_rank, upper_rank = (count // 2 - n + 1) // 2, (count // 2 + 1 - n + 1) // 2
+        if lower_rank == upper_rank and count // 2 > n:
+            terms, median = [(upper_index, 1.0)], upper
+        else:
+            lower, lower_index = kth_smallest(count // 2)
+            terms, median = [(upper_index, 0.5), (lower_index, 0.5)], 0.5 * (upper + lower)
+    event = x.shape[-1]
+    for index, weight in terms:
+        if index is None:
+            continue
+        a = rows[index].unsqueeze(-1)  # [..., 1]
+        b = cols[index].unsqueeze(-1)
+        a_event, b_event = (i.unsqueeze(-1).expand(*i.shape, event) for i in (a, b))
+        delta = (x.gather(-2, a_event) - x.gather(-2, b_event)) * (2.0 * weight)
+        grad.scatter_add_(-2, a_event, delta)
+        grad.scatter_add_(-2, b_event, -delta)
+    return median, grad
+
+
+def _repulsion_through_bandwidth_autograd(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference for `_repulsion_through_bandwidth`: the same quantity by autograd, as the authors form it."""
     with torch.enable_grad():
         x_leaf = x.detach().requires_grad_(True)
         bandwidth_sq = median_bandwidth(pairwise_sq_distances(x_leaf))

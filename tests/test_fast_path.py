@@ -240,3 +240,19 @@ def test_mlp_inference_float32_small_and_large_row_counts(rows: tuple[int, int])
             plain = net(context.unsqueeze(-2).expand(*rows, OBS), inputs)
             torch.testing.assert_close(net.forward_from_context(net.encode_context(context).unsqueeze(-2), inputs),
                                        plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 9, 10, 11])
+def test_closed_form_stein_repulsion_matches_the_autograd_reference(n: int) -> None:
+    from vgf_prob.flows.fields import _repulsion_through_bandwidth, _repulsion_through_bandwidth_autograd
+
+    torch.manual_seed(n)
+    x = torch.rand(32, n, ACT, dtype=torch.float64) * 2 - 1
+    x[0] = x[0, :1]  # a collapsed cloud (bandwidth at its floor)
+    x[1, : min(n, 3)] = x[1, :1]  # some equal particles (ties in the median)
+    kernel, repulsion = _repulsion_through_bandwidth(x)
+    ref_kernel, ref_repulsion = _repulsion_through_bandwidth_autograd(x)
+    torch.testing.assert_close(kernel, ref_kernel, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(repulsion, ref_repulsion, rtol=1e-9, atol=1e-9)
+    kernel32, repulsion32 = _repulsion_through_bandwidth(x.float())
+    torch.testing.assert_close(repulsion32.double(), ref_repulsion, rtol=1e-4, atol=1e-4)
