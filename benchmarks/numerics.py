@@ -75,6 +75,7 @@ def compare(name: str, base_hist, base_probe, hist, probe_) -> dict[str, Any]:
         "td_diff_over_mc_std": float(diff / spread),
         "particle_mean_distance": float((probe_["particles"] - base_probe["particles"]).norm(dim=-1).mean()),
         "same_action_fraction": float(((probe_["actions"] - base_probe["actions"]).abs().amax(-1) < 1e-4).float().mean()),
+        "mean_action_distance": float((probe_["actions"] - base_probe["actions"]).norm(dim=-1).mean()),
     }
 
 
@@ -114,9 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {name}: done", flush=True)
     print(table(
         ["option vs float32 fast path", "max rel diff critic loss", "max rel diff mean target", "max rel diff BC loss",
-         "TD target RMS diff / MC std", "mean particle distance", "same action"],
+         "TD target RMS diff / MC std", "mean particle distance", "same action", "mean action distance"],
         [[r["option"], r["max_rel_diff_critic_loss"], r["max_rel_diff_target_q"], r["max_rel_diff_bc_loss"],
-          r["td_diff_over_mc_std"], r["particle_mean_distance"], r["same_action_fraction"]] for r in rows],
+          r["td_diff_over_mc_std"], r["particle_mean_distance"], r["same_action_fraction"],
+          r["mean_action_distance"]] for r in rows],
     ))
     payload = {"benchmark": "numerics", "env": env, "config": args.config, "updates": args.updates, "rows": rows}
     write_json(args.json, payload)

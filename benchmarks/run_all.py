@@ -3,6 +3,7 @@
     python benchmarks/run_all.py                          # CPU, torch's default threads
     python benchmarks/run_all.py --device cuda            # a GPU (CUDA events, synchronised blocks)
     python benchmarks/run_all.py --threads 1 --quick      # fewer blocks, no scaling rows
+    python benchmarks/run_all.py --bf16                   # bfloat16 autocast in the flows (changes numerics)
 
 Each update configuration runs in its own process (so its peak-memory number is its own); the matrix-product
 ceiling is measured in this process at the start and again at the end. Output: benchmarks/results/<tag>.json
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="3 blocks, no scaling rows, no operator rows")
-    parser.add_argument("--extra", default="", help="extra flags for update.py/acting.py, e.g. '--bf16'")
+    parser.add_argument("--bf16", action="store_true", help="flow_autocast_bf16=True in the agent rows")
+    parser.add_argument("--extra", default="", help="extra flags for update.py/acting.py, e.g. --extra=--plain")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default=None)
     args = parser.parse_args(argv)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = ["--device", args.device, "--blocks", str(blocks)]
     if args.threads:
         common += ["--threads", str(args.threads)]
-    extra = args.extra.split() if args.extra else []
+    extra = (args.extra.split() if args.extra else []) + (["--bf16"] if args.bf16 else [])
     env = environment(device, torch.float32)
     print(f"# all benchmarks on {describe(env)}", flush=True)
     started = time.time()
