@@ -72,7 +72,8 @@ class Workspace:
                 if i:
                     kept.insert(0, kept.pop(i))
                 return buffer
-        buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # a normal tensor even when first asked for inside inference mode
+            buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
         kept.insert(0, buffer)
         del kept[self.SHAPES_PER_NAME:]
         return buffer
@@ -121,7 +122,7 @@ class CastWeights:
             return params
         key = (dtype, *((p.data_ptr(), p._version) for p in params))
         if key != self._key:
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(False):
                 self._cast = [p.detach().to(dtype) for p in params]
             self._key = key
         return self._cast
@@ -318,7 +319,7 @@ class ConditionalMLP(nn.Module):
         key = (dtype, *((i, w.data_ptr(), w._version) for i, w in linear.items()))
         cache = self._plan.packed
         if cache.get("key") != key:
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(False):
                 cache["weights"] = {i: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), SMALL_ROWS)
                                     for i, w in linear.items()}
             cache["key"] = key

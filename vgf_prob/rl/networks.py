@@ -124,7 +124,7 @@ class EnsembleCritic(nn.Module):
         """
         if not self._fusable():
             return self.forward_from_encoding(encoded, actions)
-        if torch.is_grad_enabled() and actions.requires_grad:
+        if torch.is_grad_enabled() and actions.requires_grad and not torch.is_inference_mode_enabled():
             return _ParticleCritic.apply(actions, encoded, self)
         return _fused(self).values(self, encoded, actions, save=False)
 
@@ -176,7 +176,7 @@ class _FusedEnsemble:
         cached = self._weights.get(dtype)
         if cached is None or cached[0] != key:
             trunk = critic.trunk
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(False):
                 cast = [p.detach().to(dtype) for p in params]
                 named = dict(zip([name for name, _ in critic.named_parameters()], cast))
                 n_layers = len(trunk.norms)
