@@ -112,15 +112,15 @@ class EnsembleCritic(nn.Module):
         x = x.view(self.num_heads, *actions.shape[:-1], -1) + encoded
         return self.trunk(x.flatten(1, 2)).reshape(*actions.shape[:-1], self.num_heads)
 
-
     def particle_values(self, encoded: Tensor, actions: Tensor) -> Tensor:
         """``forward_from_encoding`` differentiable with respect to ``actions`` only: what a value gradient
         flow needs. The parameters get no graph (``torch.autograd.grad`` wrt the particles is the use).
 
         Fused (`_FusedEnsemble`): all heads in one batched product per layer, activations in reused buffers,
         and a hand-written backward that runs only the products with the transposed weights (no weight
-        gradients, no autograd graph of the layers). Falls back to the autograd forward under autocast or
-        torch.compile.
+        gradients, no autograd graph of the layers). Under a bfloat16 autocast it computes in bfloat16; a
+        torch.compile'd trunk takes the autograd forward instead. Not for concurrent calls on one critic from
+        several threads (the buffers are shared).
         """
         if not self._fusable():
             return self.forward_from_encoding(encoded, actions)
