@@ -33,8 +33,14 @@ def action_gradient(value: ValueFn, obs: Tensor | None, x: Tensor) -> tuple[Tens
     """Return (Q(s, x) [B, N], grad_x Q(s, x) [B, N, A]) with gradients taken with respect to x only.
 
     ``torch.autograd.grad`` is asked for the particles alone, so the value's parameters never receive a
-    ``.grad`` and no graph survives the call. Works inside ``torch.no_grad()`` contexts.
+    ``.grad`` and no graph survives the call. Works inside ``torch.no_grad()`` contexts; inside
+    ``torch.inference_mode()`` no gradient can exist, so that is an error rather than a silent zero field.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "value gradients cannot be taken inside torch.inference_mode(); run the flow under torch.no_grad() "
+            "(or without either) instead"
+        )
     with torch.enable_grad():
         x_leaf = x.detach().requires_grad_(True)
         q = value(obs, x_leaf)

@@ -26,6 +26,9 @@ from .fields import ValueFn, VelocityField
 class Constraint(Protocol):
     """What a solver needs to know about budgets and the action box (see ``vgf_prob.transport``)."""
 
+    uniform_steps: int | None
+    """The step count every state shares when it is known on the host (no device read), else None."""
+
     def step_allowance(self) -> Tensor:
         """Steps each state may take, long tensor [B]."""
 
@@ -82,8 +85,10 @@ class DiscreteSolver:
     ) -> SolveResult:
         allowance = constraint.step_allowance()
         steps = torch.zeros_like(allowance)
-        max_steps = int(allowance.max().item()) if allowance.numel() else 0
-        uniform = bool((allowance == max_steps).all().item())
+        max_steps, uniform = constraint.uniform_steps, True
+        if max_steps is None:  # per-state allowances: two host reads before the loop, none inside it
+            max_steps = int(allowance.max().item()) if allowance.numel() else 0
+            uniform = bool((allowance == max_steps).all().item())
         active = allowance > 0
         exhausted_any = torch.zeros_like(active)
         state = self.init_state(x0)

@@ -237,6 +237,10 @@ class TestBadInput:
             vgf.ValueGradientFlow(vgf.SteinField(), vgf.ParticleAdam())(x0, None, broken)
         assert torch.equal(x0, before)
 
+    def test_inference_mode_is_refused_instead_of_a_silent_zero_gradient(self):
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+            vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler())(torch.zeros(1, 2, 2), None, quadratic_value)
+
     def test_negative_budgets(self):
         for make in (lambda: vgf.StepBudget(-1), lambda: vgf.DisplacementBudget(-0.1), lambda: vgf.SinkhornBudget(-1)):
             with pytest.raises(ValueError, match="non-negative"):

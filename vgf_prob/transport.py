@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from vgf_prob.budget import Budget, as_budget, displacement, unlimited_steps_error
+from vgf_prob.budget import Budget, StepBudget, as_budget, displacement, unlimited_steps_error
 from vgf_prob.distributions.particle import ParticlePolicy, TransportReport
 from vgf_prob.flows.fields import VelocityField
 from vgf_prob.flows.solvers import SolveResult
@@ -64,6 +64,7 @@ class _FlowConstraint:
         elif max_steps is not None:
             steps = steps.clamp_max(max_steps)
         self.steps = steps
+        self.uniform_steps = _host_uniform_steps(budget, max_steps)
 
     def step_allowance(self) -> Tensor:
         return self.steps
@@ -88,7 +89,9 @@ class ValueGradientFlow:
     """Compose a velocity field, a solver, a budget and a projection into a transport operator.
 
     ``aggregation`` combines critic heads ("mean" or "min"); ``max_steps`` caps the steps of budgets that
-    do not count steps (displacement, Sinkhorn). Particles move; the value's parameters never get a gradient.
+    do not count steps (displacement, Sinkhorn); ``validate`` checks the starting particles for NaN/inf (one
+    host sync; training loops that validate their batches turn it off together with the solver's
+    ``check_finite``). Particles move; the value's parameters never get a gradient.
     """
 
     field: VelocityField
@@ -97,6 +100,7 @@ class ValueGradientFlow:
     projection: BoxProjection | None = None
     aggregation: str = "mean"
     max_steps: int | None = None
+    validate: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", as_budget(self.budget))
@@ -118,7 +122,7 @@ class ValueGradientFlow:
     ) -> ParticlePolicy:
         origin, x0 = self._initial_particles(reference, obs, num_particles, generator)
         batch_shape = x0.shape[:-2]
-        _check_particles(x0)
+        _check_particles(x0, self.validate)
         flat_obs = _flatten_obs(obs, batch_shape)
         flat_x0 = x0.reshape(-1, *x0.shape[-2:])
         constraint = _FlowConstraint(self.budget, self.projection, batch_shape, flat_x0, self.max_steps)
@@ -163,12 +167,22 @@ class ValueGradientFlow:
         return start, start
 
 
-def _check_particles(x0: Tensor) -> None:
+def _host_uniform_steps(budget: Budget, max_steps: int | None) -> int | None:
+    """The step count shared by every state when it is known without reading device memory, else None."""
+    counts = [part.steps for part in budget.parts() if isinstance(part, StepBudget)]
+    if any(isinstance(count, Tensor) for count in counts):
+        return None
+    if max_steps is not None:
+        counts.append(max_steps)
+    return int(min(counts)) if counts else None
+
+
+def _check_particles(x0: Tensor, check_finite: bool) -> None:
     if not x0.is_floating_point():
         raise TypeError(f"particles must be a floating-point tensor, got {x0.dtype}")
     if x0.shape[-2] == 0:
         raise ValueError("a flow needs at least one particle per state; got N = 0")
-    if not torch.isfinite(x0).all():
+    if check_finite and not torch.isfinite(x0).all():
         raise ValueError(f"particles contain {(~torch.isfinite(x0)).sum().item()} NaN/inf values")
 
 

@@ -150,6 +150,7 @@ class VGFAgent(nn.Module):
             budget=budget,
             projection=self.projection,
             aggregation="mean",
+            validate=check_finite,
         )
         start = self.reference_particles(obs, self.config.num_particles, generator)
         return flow(start, obs, critic_fn), critic_fn
