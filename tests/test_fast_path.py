@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from rl_helpers import synthetic_batch
+
 from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
 from vgf_prob.distributions.networks import ConditionalMLP, Workspace
 from vgf_prob.rl.agent import VGFAgent
@@ -151,14 +153,7 @@ def test_flow_matching_sampling_is_the_same_with_and_without_the_inference_path(
 
 
 def make_batch(step: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    return {
-        "observations": torch.randn(BATCH, OBS, generator=g, dtype=dtype),
-        "actions": torch.rand(BATCH, ACT, generator=g, dtype=dtype) * 2 - 1,
-        "rewards": torch.randn(BATCH, generator=g, dtype=dtype),
-        "next_observations": torch.randn(BATCH, OBS, generator=g, dtype=dtype),
-        "masks": (torch.rand(BATCH, generator=g) > 0.1).to(dtype),
-    }
+    return synthetic_batch(100 + step, BATCH, OBS, ACT, dtype)
 
 
 AGENT_SETTINGS = {

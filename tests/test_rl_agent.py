@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from rl_helpers import synthetic_batch
+
 from vgf_prob.budget import DisplacementBudget, StepBudget
 from vgf_prob.rl.agent import VGFAgent
 from vgf_prob.rl.config import PRESETS, VGFConfig, preset
@@ -28,14 +30,7 @@ TINY = VGFConfig(
 
 
 def make_batch(seed: int = 0, batch_size: int = BATCH, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "observations": torch.randn(batch_size, OBS, generator=g, dtype=dtype),
-        "actions": torch.rand(batch_size, ACT, generator=g, dtype=dtype) * 2 - 1,
-        "rewards": torch.randn(batch_size, generator=g, dtype=dtype),
-        "next_observations": torch.randn(batch_size, OBS, generator=g, dtype=dtype),
-        "masks": (torch.rand(batch_size, generator=g) > 0.1).to(dtype),
-    }
+    return synthetic_batch(seed, batch_size, OBS, ACT, dtype)
 
 
 def make_agent(seed: int = 0, **changes) -> VGFAgent:

@@ -1,0 +1,17 @@
+"""Synthetic offline-RL batches shared by the agent and fast-path tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def synthetic_batch(seed: int, batch_size: int, obs_dim: int, action_dim: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random transitions with actions in [-1, 1] and about 10 % terminal masks, reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "observations": torch.randn(batch_size, obs_dim, generator=g, dtype=dtype),
+        "actions": torch.rand(batch_size, action_dim, generator=g, dtype=dtype) * 2 - 1,
+        "rewards": torch.randn(batch_size, generator=g, dtype=dtype),
+        "next_observations": torch.randn(batch_size, obs_dim, generator=g, dtype=dtype),
+        "masks": (torch.rand(batch_size, generator=g) > 0.1).to(dtype),
+    }
