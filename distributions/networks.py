@@ -1,5 +1,6 @@
 """MLP building blocks shared by the reference policies, and the observation check they all use."""
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -110,6 +111,28 @@ def compute_dtype(like: Tensor, parameter_dtype: torch.dtype) -> torch.dtype:
     return parameter_dtype
 
 
+def broadcast_lead(a: Sequence[int], b: Sequence[int]) -> torch.Size:
+    """``torch.broadcast_shapes(a, b)`` for two shapes, in plain Python (the torch function goes through its
+    reference implementation, tens of microseconds: a sizeable part of a small network's call)."""
+    if a == b:
+        return torch.Size(a)
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x != y and 1 not in (x, y):
+            raise ValueError(f"shapes {tuple(a)} and {tuple(b)} do not broadcast")
+        out.append(y if x == 1 else x)
+    return torch.Size(out)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that disables autocast on ``device_type``, or a no-op one when autocast is already off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class CastWeights:
     """Parameters cast to a compute dtype, recast only when a parameter changed (tensor versions)."""
 
@@ -157,7 +180,8 @@ class _FastPlan:
         self.key: tuple | None = None
         self._layers: list[nn.Module] | None = None
         self.parameters: list[Tensor] = []
-        self.packed: dict = {}
+        self._small_key: tuple | None = None
+        self._small: tuple[Tensor, list[tuple]] | None = None
 
     def layers(self, net: "ConditionalMLP") -> list[nn.Module] | None:
         key = (id(net.first), id(net.first_activation), id(net.trunk))
@@ -171,9 +195,41 @@ class _FastPlan:
             )
             self._layers = layers if valid else None
             self.parameters = [net.first.weight, *(p for m in layers for p in m.parameters())] if valid else []
-            self.packed = {}
+            self._small_key = self._small = None
             self.key = key
         return self._layers
+
+    def small_program(self, net: "ConditionalMLP", dtype: torch.dtype) -> tuple[Tensor, list[tuple]]:
+        """The few-rows pass as data: ``W_x^T`` of the first layer and one ``(op, args)`` per later step,
+        ``hidden = op(hidden, *args)``. Linear layers are oneDNN products with weights packed for
+        ``SMALL_ROWS`` rows and a following ReLU fused in. Rebuilt only when a parameter changed (data
+        pointer or version), so a call costs a key check and the ops themselves."""
+        key = (dtype, *((p.data_ptr(), p._version) for p in self.parameters))
+        if key != self._small_key:
+            with torch.no_grad(), torch.inference_mode(False):
+                cast = [p.detach().to(dtype) for p in self.parameters]
+            first_weight, rest = cast[0], iter(cast[1:])
+            layers, steps, i = self._layers, [], 0
+            while i < len(layers):
+                layer = layers[i]
+                if isinstance(layer, nn.ReLU):
+                    steps.append((torch.relu_, ()))
+                elif isinstance(layer, nn.LayerNorm):
+                    weight, bias = (next(rest) if getattr(layer, name) is not None else None
+                                    for name in ("weight", "bias"))
+                    steps.append((torch.layer_norm, (list(layer.normalized_shape), weight, bias, layer.eps, False)))
+                else:
+                    weight, bias = next(rest), next(rest)
+                    with torch.no_grad(), torch.inference_mode(False):
+                        packed = torch.ops.mkldnn._reorder_linear_weight(weight, SMALL_ROWS)
+                    fuse_relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+                    steps.append((torch.ops.mkldnn._linear_pointwise,
+                                  (packed, bias, "relu" if fuse_relu else "none", [], "")))
+                    i += fuse_relu
+                i += 1
+            self._small = (first_weight[:, net.context_dim :].t(), steps)
+            self._small_key = key
+        return self._small
 
     def __deepcopy__(self, memo: dict) -> "_FastPlan":
         return _FastPlan()
@@ -250,17 +306,19 @@ class ConditionalMLP(nn.Module):
         if layers is None:
             raise RuntimeError("infer_from_context needs a trunk of Linear / LayerNorm / ReLU layers")
         dtype = compute_dtype(inputs, self.first.weight.dtype)
-        with torch.autocast(inputs.device.type, enabled=False):
-            return self._infer(layers, encoded.to(dtype), inputs.to(dtype), dtype)
+        encoded, inputs = encoded.to(dtype), inputs.to(dtype)
+        lead = broadcast_lead(encoded.shape[:-1], inputs.shape[:-1])
+        rows = math.prod(lead)
+        with _autocast_off(inputs.device.type):
+            if rows <= SMALL_ROWS and _small_linear_available(inputs):
+                return self._infer_small(encoded, inputs, lead, rows, dtype)
+            return self._infer(layers, encoded, inputs, lead, rows, dtype)
 
-    def _infer(self, layers: list[nn.Module], encoded: Tensor, inputs: Tensor, dtype: torch.dtype) -> Tensor:
+    def _infer(self, layers: list[nn.Module], encoded: Tensor, inputs: Tensor, lead: torch.Size, rows: int,
+               dtype: torch.dtype) -> Tensor:
         workspace = self._workspace
         params = self._cast_weights(self._plan.parameters, dtype)
         first_weight, rest = params[0], iter(params[1:])
-        lead = torch.broadcast_shapes(encoded.shape[:-1], inputs.shape[:-1])
-        rows = math.prod(lead)
-        if rows <= SMALL_ROWS and _small_linear_available(inputs):
-            return self._infer_small(layers, encoded, inputs, lead, rows, first_weight, rest)
         width = self.first.out_features
         hidden = workspace.get("h0", (rows, width), encoded)
         hidden.view(*lead, width).copy_(encoded.expand(*lead, width))
@@ -286,44 +344,17 @@ class ConditionalMLP(nn.Module):
         weight, bias = next(rest), next(rest)
         return torch.addmm(bias, hidden, weight.t()).view(*lead, last.out_features)
 
-    def _infer_small(self, layers: list[nn.Module], encoded: Tensor, inputs: Tensor, lead: torch.Size, rows: int,
-                     first_weight: Tensor, rest) -> Tensor:
-        """A few rows (acting on one state): oneDNN products with weights packed once per parameter change
-        and the ReLU fused in; the outputs are small, so fresh tensors cost nothing here."""
+    def _infer_small(self, encoded: Tensor, inputs: Tensor, lead: torch.Size, rows: int,
+                     dtype: torch.dtype) -> Tensor:
+        """A few rows (acting on one state): `_FastPlan.small_program`'s ops one after the other; the outputs
+        are small, so fresh tensors cost nothing here and per-call Python work is what counts."""
+        inputs_weight_t, steps = self._plan.small_program(self, dtype)
         width = self.first.out_features
         flat_inputs = inputs.expand(*lead, inputs.shape[-1]).reshape(rows, inputs.shape[-1])
-        hidden = (encoded.expand(*lead, width).reshape(rows, width)
-                  .addmm(flat_inputs, first_weight[:, self.context_dim :].t()))
-        packed = self._packed(layers, first_weight.dtype, rows)
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if isinstance(layer, nn.ReLU):
-                hidden = hidden.relu_()
-                i += 1
-                continue
-            weight, bias = (next(rest) if getattr(layer, name) is not None else None for name in ("weight", "bias"))
-            if isinstance(layer, nn.LayerNorm):
-                hidden = torch.native_layer_norm(hidden, list(layer.normalized_shape), weight, bias, layer.eps)[0]
-                i += 1
-                continue
-            fuse_relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
-            hidden = torch.ops.mkldnn._linear_pointwise(hidden, packed[i], bias, "relu" if fuse_relu else "none",
-                                                        [], "")
-            i += 2 if fuse_relu else 1
-        return hidden.view(*lead, layers[-1].out_features)
-
-    def _packed(self, layers: list[nn.Module], dtype: torch.dtype, rows: int) -> dict[int, Tensor]:
-        """oneDNN-packed Linear weights (index in ``layers`` -> packed weight), cached per parameter version."""
-        linear = {i: m.weight for i, m in enumerate(layers) if isinstance(m, nn.Linear)}
-        key = (dtype, *((i, w.data_ptr(), w._version) for i, w in linear.items()))
-        cache = self._plan.packed
-        if cache.get("key") != key:
-            with torch.no_grad(), torch.inference_mode(False):
-                cache["weights"] = {i: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), SMALL_ROWS)
-                                    for i, w in linear.items()}
-            cache["key"] = key
-        return cache["weights"]
+        hidden = encoded.expand(*lead, width).reshape(rows, width).addmm(flat_inputs, inputs_weight_t)
+        for op, args in steps:
+            hidden = op(hidden, *args)
+        return hidden.view(*lead, hidden.shape[-1])
 
     def forward(self, context: Tensor, inputs: Tensor) -> Tensor:
         """MLP(concat(context, inputs)); ``context`` and ``inputs`` share their leading dimensions."""
