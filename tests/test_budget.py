@@ -83,6 +83,28 @@ def test_sinkhorn_budget_is_enforced_per_state():
     assert spent[2] > 0.25 and out.report.exhausted.all()
 
 
+def test_sinkhorn_cut_back_is_the_largest_fitting_halving_and_ignores_the_other_states():
+    generator = torch.Generator().manual_seed(5)
+    x0 = torch.rand(5, 8, 3, generator=generator, dtype=torch.float64)
+    x_prev = x0 + 0.02 * torch.randn(5, 8, 3, generator=generator, dtype=torch.float64)
+    step_sizes = torch.tensor([0.01, 0.6, 0.02, 0.9, 0.4], dtype=torch.float64)[:, None, None]
+    x_new = x_prev + step_sizes * torch.randn(5, 8, 3, generator=generator, dtype=torch.float64)
+    budget = vgf.SinkhornBudget(0.15, bisection_steps=10)
+    kept, over = budget.enforce(x0, x_prev, x_new, torch.Size([5]))
+    assert over.tolist() == (budget.spent(x0, x_new) > 0.15).tolist() and 0 < over.sum() < 5
+    assert torch.equal(kept[~over], x_new[~over])  # states that fit are untouched
+    for state in over.nonzero().flatten().tolist():
+        alone, _ = budget.enforce(x0[state : state + 1], x_prev[state : state + 1], x_new[state : state + 1],
+                                  torch.Size([1]))
+        assert torch.allclose(kept[state], alone[0], atol=1e-12)
+        # the kept fraction t of the step fits, t + 2^-10 does not (bisection resolution)
+        step = x_new[state] - x_prev[state]
+        fraction = ((kept[state] - x_prev[state]) / step).mean()
+        fits = budget.spent(x0[state : state + 1], (x_prev[state] + fraction * step)[None])
+        too_far = budget.spent(x0[state : state + 1], (x_prev[state] + (fraction + 2.0**-10) * step)[None])
+        assert fits <= 0.15 + 1e-9 < too_far
+
+
 def test_exhausted_states_stay_fixed_while_the_others_go_on():
     generator = torch.Generator().manual_seed(3)
     x0 = torch.rand(3, 5, 2, generator=generator, dtype=torch.float64)

@@ -50,6 +50,12 @@ def displacement(x0: Tensor, x: Tensor) -> Tensor:
     return (x - x0).square().sum(-1).mean(-1).sqrt()
 
 
+def _diameter(*clouds: Tensor) -> float:
+    """Length of the diagonal of the box holding every point of ``clouds`` (each [B, N, D]), plus 1e-3."""
+    extent = torch.cat(clouds, dim=-2)
+    return float((extent.amax(dim=(0, 1)) - extent.amin(dim=(0, 1))).norm()) + 1e-3
+
+
 class Budget(ABC):
     """A per-state constraint on transport. Subclasses measure ``spent`` and ``enforce`` the limit."""
 
@@ -143,30 +149,38 @@ class SinkhornBudget(Budget):
         self.radius, self.blur, self.scaling, self.bisection_steps = radius, blur, scaling, bisection_steps
 
     def spent(self, x0: Tensor, x: Tensor) -> Tensor:
+        return self._distance(x0, x, _diameter(x0, x))
+
+    def _distance(self, x0: Tensor, x: Tensor, diameter: float) -> Tensor:
+        """sqrt(2 S_eps(x0, x)) per state, [B]; ``diameter`` (any bound on the clouds' extent) only sets where
+        geomloss's epsilon-scaling starts, so its value changes the result by rounding only."""
         from geomloss import SamplesLoss
 
-        extent = torch.cat([x0, x], dim=-2)
-        diameter = float((extent.amax(dim=(0, 1)) - extent.amin(dim=(0, 1))).norm()) + 1e-3
         loss = SamplesLoss("sinkhorn", p=2, blur=self.blur, scaling=self.scaling, diameter=diameter, backend="tensorized")
         with torch.no_grad():
             divergence = loss(x0.contiguous(), x.contiguous())
         return (2.0 * divergence).clamp_min(0.0).sqrt()
 
     def enforce(self, x0: Tensor, x_prev: Tensor, x_new: Tensor, batch_shape: torch.Size) -> tuple[Tensor, Tensor]:
+        """Keep ``x_new`` where it fits; cut the states that crossed back to x_prev + t (x_new - x_prev), t the
+        largest of ``bisection_steps`` halvings that fits. Only the crossing states are re-measured while
+        bisecting; every point measured lies in the hull of x0, x_prev and x_new, so one diameter serves all."""
         radius = _per_state(self.radius, batch_shape, x_new)
-        over = self.spent(x0, x_new) > radius
-        if not over.any():
+        diameter = _diameter(x0, x_prev, x_new)
+        over = self._distance(x0, x_new, diameter) > radius
+        crossing = over.nonzero().squeeze(-1)
+        if crossing.numel() == 0:
             return x_new, over
-        low = torch.zeros_like(radius)
-        high = torch.ones_like(radius)
-        step = x_new - x_prev
+        x0_c, start, radius_c = x0[crossing], x_prev[crossing], radius[crossing]
+        step = x_new[crossing] - start
+        low = torch.zeros_like(radius_c)
+        high = torch.ones_like(radius_c)
         for _ in range(self.bisection_steps):
             middle = (low + high) / 2
-            fits = self.spent(x0, x_prev + middle[:, None, None] * step) <= radius
+            fits = self._distance(x0_c, start + middle[:, None, None] * step, diameter) <= radius_c
             low = torch.where(fits, middle, low)
             high = torch.where(fits, high, middle)
-        cut_back = x_prev + low[:, None, None] * step
-        return torch.where(over[:, None, None], cut_back, x_new), over
+        return x_new.index_copy(0, crossing, start + low[:, None, None] * step), over
 
     def moving(self, x0: Tensor, x: Tensor, batch_shape: torch.Size) -> Tensor:
         return self.spent(x0, x) < _per_state(self.radius, batch_shape, x) * (1.0 - 1e-6)
