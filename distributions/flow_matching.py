@@ -86,10 +86,12 @@ class FlowMatchingPolicy(nn.Module):
         return self.velocity_net.forward_from_context(encoded, torch.cat([x, _time_column(t, x)], dim=-1))
 
     def loss(
-        self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None
+        self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None, validate: bool = True
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Flow-matching MSE between v(s, x_t, t) and x1 - x0 for dataset pairs ``obs [*B, O]``, ``actions [*B, A]``."""
-        check_obs(obs, self.obs_dim)
+        """Flow-matching MSE between v(s, x_t, t) and x1 - x0 for dataset pairs ``obs [*B, O]``, ``actions [*B, A]``.
+
+        ``validate=False`` skips the NaN/inf check of ``obs`` (no host read; shapes are still checked)."""
+        check_obs(obs, self.obs_dim, check_values=validate)
         expected = obs.shape[:-1] + (self.action_dim,)
         if actions.shape != expected:
             raise ValueError(f"actions must have shape {tuple(expected)}, got {tuple(actions.shape)}")
@@ -99,9 +101,11 @@ class FlowMatchingPolicy(nn.Module):
         loss = F.mse_loss(self.velocity(obs, x_t, t), actions - noise)
         return loss, {"flow_matching_loss": loss.detach()}
 
-    def forward(self, obs: Tensor) -> "FlowMatchingDistribution":
-        check_obs(obs, self.obs_dim)
-        return FlowMatchingDistribution(self, obs)
+    def forward(self, obs: Tensor, validate: bool = True) -> "FlowMatchingDistribution":
+        """The law of a BC sample at ``obs [*B, O]``; ``validate=False`` skips every check that reads a value
+        back to the host (NaN/inf in ``obs``, the distribution's argument and sample validation)."""
+        check_obs(obs, self.obs_dim, check_values=validate)
+        return FlowMatchingDistribution(self, obs, validate_args=None if validate else False)
 
 
 class FlowMatchingDistribution(TorchDistribution):

@@ -28,7 +28,7 @@ class DiagonalNormal(Independent, TorchDistribution):
             raise ValueError("give both action_low and action_high, or neither")
         self.action_low = action_low
         self.action_high = action_high
-        super().__init__(Normal(loc, scale), 1, validate_args=validate_args)
+        super().__init__(Normal(loc, scale, validate_args=validate_args), 1, validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance: "DiagonalNormal | None" = None) -> "DiagonalNormal":
         new = self._get_checked_instance(DiagonalNormal, _instance)
@@ -88,8 +88,10 @@ class GaussianPolicy(nn.Module):
         self.register_buffer("action_low", low)
         self.register_buffer("action_high", high)
 
-    def forward(self, obs: Tensor) -> DiagonalNormal:
-        check_obs(obs, self.obs_dim)
+    def forward(self, obs: Tensor, validate: bool = True) -> DiagonalNormal:
+        """The Gaussian at ``obs [*B, O]``; ``validate=False`` skips the checks that read values back to the host
+        (NaN/inf in ``obs``, the distribution's argument validation)."""
+        check_obs(obs, self.obs_dim, check_values=validate)
         out = self.net(obs)
         if self.state_dependent_std:
             mean, raw_log_std = out.split(self.action_dim, dim=-1)
@@ -97,13 +99,15 @@ class GaussianPolicy(nn.Module):
             mean, raw_log_std = out, self.log_std.expand_as(out)
         half_range = 0.5 * (self.max_log_std - self.min_log_std)
         log_std = self.min_log_std + half_range * (torch.tanh(raw_log_std) + 1.0)
-        return DiagonalNormal(mean, log_std.exp(), self.action_low, self.action_high)
+        return DiagonalNormal(mean, log_std.exp(), self.action_low, self.action_high,
+                              validate_args=None if validate else False)
 
-    def loss(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean negative log-likelihood of ``actions [*B, A]`` under ``self(obs [*B, O])``."""
+    def loss(self, obs: Tensor, actions: Tensor, validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean negative log-likelihood of ``actions [*B, A]`` under ``self(obs [*B, O])`` (``validate`` as in
+        ``forward``)."""
         expected = obs.shape[:-1] + (self.action_dim,)
         if actions.shape != expected:
             raise ValueError(f"actions must have shape {tuple(expected)}, got {tuple(actions.shape)}")
-        policy = self(obs)
+        policy = self(obs, validate=validate)
         nll = -policy.log_prob(actions).mean()
         return nll, {"nll": nll.detach(), "std": policy.base_dist.scale.mean().detach()}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from pyro.distributions import Empirical
 from torch import Tensor
+from torch.distributions import Distribution
 
 SELECTION_RULES = ("argmax", "softmax", "uniform")
 
@@ -36,6 +39,18 @@ class TransportReport:
         )
 
 
+@contextlib.contextmanager
+def _default_validation(enabled: bool) -> Iterator[None]:
+    """torch.distributions' default ``validate_args`` set to ``enabled`` for the duration (as
+    ``pyro.validation_enabled`` does; process-wide while it lasts)."""
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(previous)
+
+
 class ParticlePolicy(Empirical):
     """pi(a | s) = sum_i w_i delta(a - x_i): particles [*B, N, A] with log-weights [*B, N] (pyro Empirical).
 
@@ -60,7 +75,9 @@ class ParticlePolicy(Empirical):
             raise ValueError(
                 f"reference_particles {tuple(reference_particles.shape)} must match particles {tuple(particles.shape)}"
             )
-        super().__init__(particles, log_weights, validate_args=validate_args)
+        # Empirical builds its Categorical with the default validation; validate_args=False reaches it this way
+        with _default_validation(False) if validate_args is False else contextlib.nullcontext():
+            super().__init__(particles, log_weights, validate_args=validate_args)
         self.reference_particles = reference_particles
         self.report = report
 

@@ -9,11 +9,14 @@ reference). Tiny sizes: the file runs in a few seconds.
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import traceback
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rl_helpers import synthetic_batch
 
@@ -23,6 +26,7 @@ from vgf_prob.rl.agent import VGFAgent
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.networks import EnsembleCritic
 
+aten = torch.ops.aten
 OBS, ACT, BATCH = 5, 3, 12
 TINY = VGFConfig(
     critic_hidden_dims=(24, 16),
@@ -268,3 +272,41 @@ def test_inference_mode_acting_matches_the_plain_path_and_training_goes_on() -> 
     info = fast.update(make_batch(0), torch.Generator().manual_seed(0))
     assert all(torch.isfinite(v) for v in info.values())
     fast.act(obs, budget=2)
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read a tensor's value back to the host: on a GPU each one waits for the device
+    (``.item()``, ``bool(t)``, ``float(t)`` all go through ``_local_scalar_dense``; ``nonzero`` and friends
+    need the result's size). Adam's step counters are CPU tensors even on a GPU (not capturable/fused), so
+    reads issued from torch.optim are not device syncs and are left out."""
+
+    SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero, aten.equal,
+               aten._unique2, aten.unique_consecutive, aten.repeat_interleave}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.SYNCING:
+            frames = traceback.extract_stack()[:-1]
+            if not any(f"torch{os.sep}optim{os.sep}" in frame.filename for frame in frames):
+                here = [f"{frame.filename.rsplit(os.sep, 1)[-1]}:{frame.lineno}" for frame in frames[-6:]]
+                self.reads.append(f"{func} at {' <- '.join(reversed(here))}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("setting", ["stein", "amortized", "gaussian-reference"])
+def test_a_training_update_reads_nothing_back_to_the_host(setting: str) -> None:
+    """The CUDA-path contract, checked on CPU: ``update(batch, check_finite=False)`` issues no op that would
+    synchronise with a GPU, while the default ``check_finite=True`` does read (its NaN/inf check)."""
+    config = TINY.replace(**AGENT_SETTINGS.get(setting, {}), max_grad_norm=1.0)
+    agent = VGFAgent(OBS, ACT, config)
+    batch = make_batch(0, torch.float32)
+    agent.update(batch)  # optimiser states exist from here on
+    with HostReads() as unchecked:
+        agent.update(batch, check_finite=False)
+    assert unchecked.reads == []
+    with HostReads() as checked:
+        agent.update(batch)
+    assert checked.reads

@@ -89,9 +89,10 @@ class ValueGradientFlow:
     """Compose a velocity field, a solver, a budget and a projection into a transport operator.
 
     ``aggregation`` combines critic heads ("mean" or "min"); ``max_steps`` caps the steps of budgets that
-    do not count steps (displacement, Sinkhorn); ``validate`` checks the starting particles for NaN/inf (one
-    host sync; training loops that validate their batches turn it off together with the solver's
-    ``check_finite``). Particles move; the value's parameters never get a gradient.
+    do not count steps (displacement, Sinkhorn); ``validate`` checks the starting particles for NaN/inf and
+    validates the returned `ParticlePolicy`'s arguments (host reads; training loops that validate their
+    batches turn it off together with the solver's ``check_finite``, and a step-budget flow then reads
+    nothing back from the device). Particles move; the value's parameters never get a gradient.
     """
 
     field: VelocityField
@@ -136,7 +137,8 @@ class ValueGradientFlow:
             exhausted=result.exhausted,
             budget_spent=spent,
         ).reshape(batch_shape)
-        return ParticlePolicy(x.reshape(x0.shape), reference_particles=origin, report=report)
+        return ParticlePolicy(x.reshape(x0.shape), reference_particles=origin, report=report,
+                              validate_args=None if self.validate else False)
 
     def _initial_particles(
         self, reference: Reference, obs: Tensor | None, num_particles: int | None, generator: torch.Generator | None

@@ -123,10 +123,13 @@ class VGFAgent(nn.Module):
 
         return fn
 
-    def reference_particles(self, obs: Tensor, num_particles: int, generator: torch.Generator | None = None) -> Tensor:
-        """x^0_i ~ mu(. | s): ``[B, N, A]`` draws from the BC reference, without a graph."""
+    def reference_particles(
+        self, obs: Tensor, num_particles: int, generator: torch.Generator | None = None, validate: bool = True
+    ) -> Tensor:
+        """x^0_i ~ mu(. | s): ``[B, N, A]`` draws from the BC reference, without a graph (``validate=False``:
+        no check that reads a value back to the host)."""
         with torch.no_grad(), self._autocast():
-            particles = self.reference(obs).sample_particles(num_particles, generator=generator)
+            particles = self.reference(obs, validate=validate).sample_particles(num_particles, generator=generator)
         return particles.to(obs.dtype)
 
     def transport(
@@ -152,7 +155,7 @@ class VGFAgent(nn.Module):
             aggregation="mean",
             validate=check_finite,
         )
-        start = self.reference_particles(obs, self.config.num_particles, generator)
+        start = self.reference_particles(obs, self.config.num_particles, generator, validate=check_finite)
         return flow(start, obs, critic_fn), critic_fn
 
     # ------------------------------------------------------------------ losses
@@ -176,12 +179,18 @@ class VGFAgent(nn.Module):
         loss = (q - target.unsqueeze(-1)).square().mean(0).sum()
         return loss, {"critic_loss": loss.detach(), "q_mean": q.detach().mean()}
 
-    def bc_loss(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> TensorInfo:
-        """The reference's BC loss on dataset pairs (flow-matching MSE, or Gaussian negative log-likelihood)."""
+    def bc_loss(
+        self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None, validate: bool = True
+    ) -> TensorInfo:
+        """The reference's BC loss on dataset pairs (flow-matching MSE, or Gaussian negative log-likelihood).
+
+        ``validate=False`` skips the reference's NaN/inf check of the observations (``update`` has checked the
+        batch already, or was told not to)."""
+        obs, actions = batch["observations"], batch["actions"]
         if isinstance(self.reference, FlowMatchingPolicy):
-            loss, info = self.reference.loss(batch["observations"], batch["actions"], generator=generator)
+            loss, info = self.reference.loss(obs, actions, generator=generator, validate=validate)
         else:
-            loss, info = self.reference.loss(batch["observations"], batch["actions"])
+            loss, info = self.reference.loss(obs, actions, validate=validate)
         return loss, {"bc_loss": loss.detach(), **{f"bc_{k}": v for k, v in info.items()}}
 
     def amortized_loss(self, batch: Mapping[str, Tensor]) -> TensorInfo:
@@ -207,7 +216,7 @@ class VGFAgent(nn.Module):
         batch = self._prepare_batch(batch, check_finite)
         target, info = self.td_target(batch, generator)
         critic_loss, critic_info = self.critic_loss(batch, target)
-        bc_loss, bc_info = self.bc_loss(batch, generator)
+        bc_loss, bc_info = self.bc_loss(batch, generator, validate=False)
         steps = [(critic_loss, self.critic_optimizer), (bc_loss, self.reference_optimizer)]
         info |= critic_info | bc_info
         if self.amortized is not None:
