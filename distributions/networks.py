@@ -104,12 +104,21 @@ def fast_inference_allowed(module: nn.Module, *inputs: Tensor) -> bool:
     return True
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for device types autocast does not know (e.g. the
+    ``meta`` device, on which a whole update can be traced without data)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def compute_dtype(like: Tensor, parameter_dtype: torch.dtype) -> torch.dtype:
     """The dtype a fast pass computes in: the autocast dtype when autocast is on for ``like``'s device and
     the parameters are float32 (bfloat16 products and activations, as ``flow_autocast_bf16`` asks), else the
     parameters' dtype."""
     device_type = like.device.type
-    if torch.is_autocast_enabled(device_type) and parameter_dtype == torch.float32:
+    if autocast_enabled(device_type) and parameter_dtype == torch.float32:
         return torch.get_autocast_dtype(device_type)
     return parameter_dtype
 
@@ -129,9 +138,9 @@ def broadcast_lead(a: Sequence[int], b: Sequence[int]) -> torch.Size:
     return torch.Size(out)
 
 
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """A context that disables autocast on ``device_type``, or a no-op one when autocast is already off."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -312,7 +321,7 @@ class ConditionalMLP(nn.Module):
         encoded, inputs = encoded.to(dtype), inputs.to(dtype)
         lead = broadcast_lead(encoded.shape[:-1], inputs.shape[:-1])
         rows = math.prod(lead)
-        with _autocast_off(inputs.device.type):
+        with autocast_off(inputs.device.type):
             if rows <= SMALL_ROWS and _small_linear_available(inputs):
                 return self._infer_small(encoded, inputs, lead, rows, dtype)
             return self._infer(layers, encoded, inputs, lead, rows, dtype)

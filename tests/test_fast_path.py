@@ -310,3 +310,17 @@ def test_a_training_update_reads_nothing_back_to_the_host(setting: str) -> None:
     with HostReads() as checked:
         agent.update(batch)
     assert checked.reads
+
+
+@pytest.mark.parametrize("setting", ["stein", "amortized", "gaussian-reference", "plain"])
+def test_a_training_update_traces_on_the_meta_device(setting: str) -> None:
+    """With no GPU to run on, the meta device stands in: tensors there carry no data, so an update that runs
+    through makes every tensor on the agent's device (a stray CPU tensor would raise a device mismatch) and
+    reads no value back (``item()`` on a meta tensor raises)."""
+    overrides = {"plain": dict(fast_path=False)}.get(setting, AGENT_SETTINGS.get(setting, {}))
+    agent = VGFAgent(OBS, ACT, TINY.replace(**overrides, max_grad_norm=1.0), device="meta")
+    batch = {key: value.to("meta") for key, value in make_batch(0, torch.float32).items()}
+    for _ in range(2):
+        info = agent.update(batch, check_finite=False)
+    assert info and all(value.device.type == "meta" for value in info.values())
+    assert all(p.device.type == "meta" for p in agent.parameters())

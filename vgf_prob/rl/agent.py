@@ -14,6 +14,7 @@ network f(s, a) regressed onto grad_a mean_k Q_k(s, a) at dataset actions.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -327,8 +328,11 @@ class VGFAgent(nn.Module):
             optimizers["amortized"] = self.amortized_optimizer
         return optimizers
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.flow_autocast_bf16)
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast when ``config.flow_autocast_bf16``, else a no-op context (any device type)."""
+        if not self.config.flow_autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _compile_networks(self) -> None:
         """torch.compile the MLP bodies in place (parameter names, hence checkpoints, are unchanged)."""

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vgf_prob.distributions.networks import ConditionalMLP, Workspace, compute_dtype, fast_inference_allowed
+from vgf_prob.distributions.networks import (
+    ConditionalMLP,
+    Workspace,
+    autocast_off,
+    compute_dtype,
+    fast_inference_allowed,
+)
 
 
 class EnsembleLinear(nn.Module):
@@ -208,7 +214,7 @@ class _FusedEnsemble:
         without it one set of buffers (kept apart from the saved ones) serves all layers.
         """
         dtype = dtype or compute_dtype(actions, critic.first.weight.dtype)
-        with torch.autocast(actions.device.type, enabled=False):
+        with autocast_off(actions.device.type):
             q = self._values(critic, encoded.to(dtype), actions.to(dtype), save, dtype)
         return q.to(actions.dtype)
 
