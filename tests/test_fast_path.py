@@ -8,10 +8,12 @@ reference). Tiny sizes: the file runs in a few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
 import traceback
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -320,7 +322,54 @@ def test_a_training_update_traces_on_the_meta_device(setting: str) -> None:
     overrides = {"plain": dict(fast_path=False)}.get(setting, AGENT_SETTINGS.get(setting, {}))
     agent = VGFAgent(OBS, ACT, TINY.replace(**overrides, max_grad_norm=1.0), device="meta")
     batch = {key: value.to("meta") for key, value in make_batch(0, torch.float32).items()}
-    for _ in range(2):
+    agent.update(batch, check_finite=False)
+    with host_data_copies() as copies:
         info = agent.update(batch, check_finite=False)
+    assert copies == []  # a tensor built from Python data on a GPU is a blocking copy: the host waits
     assert info and all(value.device.type == "meta" for value in info.values())
     assert all(p.device.type == "meta" for p in agent.parameters())
+
+
+@contextlib.contextmanager
+def host_data_copies() -> Iterator[list[str]]:
+    """Records ``torch.tensor`` / ``torch.as_tensor`` / ``Tensor.new_tensor`` calls that put host data on
+    another device (dispatch modes do not see these: the copy happens below them)."""
+    copies: list[str] = []
+    originals = {"tensor": torch.tensor, "as_tensor": torch.as_tensor}
+    new_tensor = torch.Tensor.new_tensor
+
+    def target(kwargs, default=None):
+        device = kwargs.get("device", default)
+        return torch.device(device) if device is not None else None
+
+    def spy(name, make):
+        def wrapper(data, *args, **kwargs):
+            device = target(kwargs)
+            if device is not None and device.type != "cpu" and not isinstance(data, torch.Tensor):
+                copies.append(f"torch.{name}({data!r}, device={device})")
+            return make(data, *args, **kwargs)
+        return wrapper
+
+    def spy_new_tensor(self, data, *args, **kwargs):
+        if target(kwargs, self.device).type != "cpu" and not isinstance(data, torch.Tensor):
+            copies.append(f"Tensor.new_tensor({data!r}) on {self.device}")
+        return new_tensor(self, data, *args, **kwargs)
+
+    try:
+        for name, make in originals.items():
+            setattr(torch, name, spy(name, make))
+        torch.Tensor.new_tensor = spy_new_tensor
+        yield copies
+    finally:
+        for name, make in originals.items():
+            setattr(torch, name, make)
+        torch.Tensor.new_tensor = new_tensor
+
+
+def test_host_data_copies_sees_a_python_number_sent_to_the_device() -> None:
+    with host_data_copies() as copies:
+        torch.as_tensor(0.5, device="meta")
+        torch.zeros(2, device="meta").new_tensor([1.0])
+        torch.full((), 0.5, device="meta")  # a fill on the device: no copy
+        torch.as_tensor(0.5)  # stays on the host
+    assert len(copies) == 2

@@ -33,9 +33,13 @@ def _check_limit(name: str, limit: Limit) -> None:
 
 
 def _per_state(limit: Limit, batch_shape: torch.Size, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Broadcast a scalar or [*batch] limit to the flattened batch [B]."""
+    """Broadcast a scalar or [*batch] limit to the flattened batch [B].
+
+    A Python number is written on the device by a fill (copying it from the host would make a GPU wait)."""
     dtype = dtype or like.dtype
-    limits = torch.as_tensor(limit, dtype=dtype, device=like.device)
+    if not isinstance(limit, Tensor):
+        return torch.full((batch_shape.numel(),), limit, dtype=dtype, device=like.device)
+    limits = limit.to(dtype=dtype, device=like.device)
     try:
         return limits.expand(batch_shape).reshape(-1)
     except RuntimeError:

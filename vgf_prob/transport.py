@@ -40,14 +40,20 @@ class BoxProjection:
             raise ValueError(f"BoxProjection needs low < high, got low={self.low}, high={self.high}")
 
     def __call__(self, x: Tensor) -> Tensor:
-        low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device)
-        high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device)
+        low, high = self._bounds(x)
         return torch.clamp(x, low, high)
 
     def outward(self, x: Tensor, velocity: Tensor) -> Tensor:
-        low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device)
-        high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device)
+        low, high = self._bounds(x)
         return ((x >= high) & (velocity > 0)) | ((x <= low) & (velocity < 0))
+
+    def _bounds(self, x: Tensor) -> tuple[float | Tensor, float | Tensor]:
+        """The bounds as ``x`` needs them: two Python numbers stay numbers (no host-to-device copy); otherwise
+        both become tensors on x's device and dtype (a number by a fill, not a copy)."""
+        if not isinstance(self.low, Tensor) and not isinstance(self.high, Tensor):
+            return self.low, self.high
+        return tuple(b.to(dtype=x.dtype, device=x.device) if isinstance(b, Tensor)
+                     else torch.full((), b, dtype=x.dtype, device=x.device) for b in (self.low, self.high))
 
 
 class _FlowConstraint:
