@@ -169,12 +169,16 @@ class CastWeights:
         return CastWeights().__dict__
 
 
-SMALL_ROWS = 64
-"""Up to this many rows (e.g. acting on one state with N particles), ``infer_from_context`` uses oneDNN
-products with pre-packed weights (about 1.3x faster than MKL's at 10 x 512 x 512 on the benchmark CPU)."""
+PACKED_MAX_ROWS = 64
+"""Up to this many rows (acting on one state: N particles) ``infer_from_context`` uses oneDNN products with
+pre-packed weights. Above it the fresh output tensor each oneDNN product allocates (no ``out=``; page faults
+on CPU) costs more than its faster kernel saves: BC sampling at 2560 rows took 263 ms against 235 ms with
+MKL products into reused buffers (median of 8, 2 threads), though the bare products are 1.15x faster."""
 
 
-def _small_linear_available(like: Tensor) -> bool:
+def packed_linear_available(like: Tensor) -> bool:
+    """Whether oneDNN products with pre-packed weights can serve tensors like ``like`` (CPU, float32 or
+    bfloat16): 1.9x faster than MKL's at 10 x 512 x 512 on the benchmark CPU."""
     return (
         like.device.type == "cpu"
         and like.dtype in (torch.float32, torch.bfloat16)
@@ -192,8 +196,8 @@ class _FastPlan:
         self.key: tuple | None = None
         self._layers: list[nn.Module] | None = None
         self.parameters: list[Tensor] = []
-        self._small_key: tuple | None = None
-        self._small: tuple[Tensor, list[tuple]] | None = None
+        self._packed_key: tuple | None = None
+        self._packed: tuple[Tensor, list[tuple]] | None = None
 
     def layers(self, net: "ConditionalMLP") -> list[nn.Module] | None:
         key = (id(net.first), id(net.first_activation), id(net.trunk))
@@ -207,17 +211,17 @@ class _FastPlan:
             )
             self._layers = layers if valid else None
             self.parameters = [net.first.weight, *(p for m in layers for p in m.parameters())] if valid else []
-            self._small_key = self._small = None
+            self._packed_key = self._packed = None
             self.key = key
         return self._layers
 
-    def small_program(self, net: "ConditionalMLP", dtype: torch.dtype) -> tuple[Tensor, list[tuple]]:
-        """The few-rows pass as data: ``W_x^T`` of the first layer and one ``(op, args)`` per later step,
-        ``hidden = op(hidden, *args)``. Linear layers are oneDNN products with weights packed for
-        ``SMALL_ROWS`` rows and a following ReLU fused in. Rebuilt only when a parameter changed (data
+    def packed_program(self, net: "ConditionalMLP", dtype: torch.dtype) -> tuple[Tensor, list[tuple]]:
+        """The oneDNN pass as data: ``W_x^T`` of the first layer and one ``(op, args)`` per later step,
+        ``hidden = op(hidden, *args)``. Linear layers are oneDNN products with pre-packed weights and a
+        following ReLU fused in. Rebuilt only when a parameter changed (data
         pointer or version), so a call costs a key check and the ops themselves."""
         key = (dtype, *((p.data_ptr(), p._version) for p in self.parameters))
-        if key != self._small_key:
+        if key != self._packed_key:
             with torch.no_grad(), torch.inference_mode(False):
                 cast = [p.detach().to(dtype) for p in self.parameters]
             first_weight, rest = cast[0], iter(cast[1:])
@@ -233,15 +237,15 @@ class _FastPlan:
                 else:
                     weight, bias = next(rest), next(rest)
                     with torch.no_grad(), torch.inference_mode(False):
-                        packed = torch.ops.mkldnn._reorder_linear_weight(weight, SMALL_ROWS)
+                        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_MAX_ROWS)
                     fuse_relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
                     steps.append((torch.ops.mkldnn._linear_pointwise,
                                   (packed, bias, "relu" if fuse_relu else "none", [], "")))
                     i += fuse_relu
                 i += 1
-            self._small = (first_weight[:, net.context_dim :].t(), steps)
-            self._small_key = key
-        return self._small
+            self._packed = (first_weight[:, net.context_dim :].t(), steps)
+            self._packed_key = key
+        return self._packed
 
     def __deepcopy__(self, memo: dict) -> "_FastPlan":
         return _FastPlan()
@@ -307,12 +311,13 @@ class ConditionalMLP(nn.Module):
 
     @torch.no_grad()
     def infer_from_context(self, encoded: Tensor, inputs: Tensor) -> Tensor:
-        """``forward_from_context`` without autograd, every hidden activation written into a reused buffer.
+        """``forward_from_context`` without autograd.
 
-        The first layer is ``encoded`` broadcast into the buffer plus ``inputs @ W_x^T`` accumulated in place;
-        each further Linear is one ``addmm`` with its bias into the next buffer, LayerNorm writes into a
-        buffer, ReLU is in place. Only the output ``[..., output_dim]`` is a new tensor. Under a bfloat16
-        autocast everything (weights, activations, output) is bfloat16, as autocast's Linear gives.
+        For a few rows on CPU in float32/bfloat16 the Linear layers are oneDNN products with weights packed once
+        per parameter change and ReLU fused in (`_infer_packed`). Otherwise every hidden activation is written
+        into a reused buffer: ``encoded`` broadcast plus ``inputs @ W_x^T`` accumulated in place, each further
+        Linear one ``addmm`` with its bias into the next buffer, LayerNorm into a buffer, ReLU in place. Under
+        a bfloat16 autocast everything (weights, activations, output) is bfloat16, as autocast's Linear gives.
         """
         layers = self._fast_layers
         if layers is None:
@@ -322,8 +327,8 @@ class ConditionalMLP(nn.Module):
         lead = broadcast_lead(encoded.shape[:-1], inputs.shape[:-1])
         rows = math.prod(lead)
         with autocast_off(inputs.device.type):
-            if rows <= SMALL_ROWS and _small_linear_available(inputs):
-                return self._infer_small(encoded, inputs, lead, rows, dtype)
+            if rows <= PACKED_MAX_ROWS and packed_linear_available(inputs):
+                return self._infer_packed(encoded, inputs, lead, rows, dtype)
             return self._infer(layers, encoded, inputs, lead, rows, dtype)
 
     def _infer(self, layers: list[nn.Module], encoded: Tensor, inputs: Tensor, lead: torch.Size, rows: int,
@@ -356,11 +361,11 @@ class ConditionalMLP(nn.Module):
         weight, bias = next(rest), next(rest)
         return torch.addmm(bias, hidden, weight.t()).view(*lead, last.out_features)
 
-    def _infer_small(self, encoded: Tensor, inputs: Tensor, lead: torch.Size, rows: int,
+    def _infer_packed(self, encoded: Tensor, inputs: Tensor, lead: torch.Size, rows: int,
                      dtype: torch.dtype) -> Tensor:
-        """A few rows (acting on one state): `_FastPlan.small_program`'s ops one after the other; the outputs
+        """`_FastPlan.packed_program`'s ops one after the other (CPU, float32/bfloat16, few rows): the outputs
         are small, so fresh tensors cost nothing here and per-call Python work is what counts."""
-        inputs_weight_t, steps = self._plan.small_program(self, dtype)
+        inputs_weight_t, steps = self._plan.packed_program(self, dtype)
         width = self.first.out_features
         flat_inputs = inputs.expand(*lead, inputs.shape[-1]).reshape(rows, inputs.shape[-1])
         hidden = encoded.expand(*lead, width).reshape(rows, width).addmm(flat_inputs, inputs_weight_t)
