@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing: `python benchmarks/run_all.py`
     sys.path.insert(0, str(ROOT))
 
+from vgf_prob.distributions.networks import packed_linear_available  # noqa: E402
+
 OBS_DIM, ACTION_DIM, BATCH_SIZE = 17, 6, 256
 
 # The authors' jit-compiled JAX implementation on the issue's machine kind (CPU, float32), ms per call.
@@ -244,22 +246,31 @@ def count_flops(fn: Callable[[], Any]) -> tuple[float, dict[str, float]]:
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], blocks: int = 5,
-                block_seconds: float = 0.3) -> dict[str, Any]:
-    """Measured rate of one ``[M, K] @ [K, N]`` product in GFLOP/s (median block; also the best block)."""
+                block_seconds: float = 0.3, kernel: str = "torch.mm") -> dict[str, Any]:
+    """Measured rate of one ``[M, K] @ [K, N]`` product in GFLOP/s (median block; also the best block).
+
+    ``kernel``: "torch.mm" (into a preallocated output: what the update's products are) or, on CPU, "onednn"
+    (oneDNN with the weight packed once, a fresh output per call: the fastest float32 kernel found here)."""
     m, k, n = shape
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
     out = torch.empty(m, n, device=device, dtype=dtype)
     flops = 2.0 * m * k * n
+    if kernel == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
 
-    def product() -> None:
-        torch.mm(a, b, out=out)
+        def product() -> None:
+            torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    else:
+        def product() -> None:
+            torch.mm(a, b, out=out)
 
     probe = time_blocks(product, device, blocks=1, calls_per_block=2, warmup=2)
     timing = time_blocks(product, device, blocks=blocks, calls_per_block=calls_for(probe["median_s"], block_seconds),
                          warmup=1)
     return {
         "shape": f"{m}x{k} @ {k}x{n}",
+        "kernel": kernel,
         "dtype": str(dtype).replace("torch.", ""),
         "gflops": flops / timing["median_s"] / 1e9,
         "gflops_best": flops / timing["min_s"] / 1e9,
@@ -269,11 +280,14 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int,
 def matmul_ceiling(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The device's matrix-product rate, measured now: the update's shape (2560 x 512 @ 512 x 512) and a large one."""
     large = (4096, 4096, 4096) if device.type == "cuda" else (2048, 2048, 2048)
-    return {
+    ceiling = {
         "update_shape": matmul_rate(device, dtype, (2560, 512, 512)),
         "large": matmul_rate(device, dtype, large),
         "threads": torch.get_num_threads(),
     }
+    if packed_linear_available(torch.empty(0, device=device, dtype=dtype)):
+        ceiling["update_shape_onednn"] = matmul_rate(device, dtype, (2560, 512, 512), kernel="onednn")
+    return ceiling
 
 
 # ------------------------------------------------------------------------------------------ output

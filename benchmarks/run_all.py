@@ -118,7 +118,11 @@ def markdown(payload: dict[str, Any]) -> str:
         "float32 matrix product rate measured in the same run (start / end): "
         f"{ceiling['start']['update_shape']['shape']} {ceiling['start']['update_shape']['gflops']:.0f} / "
         f"{ceiling['end']['update_shape']['gflops']:.0f} GFLOP/s, {ceiling['start']['large']['shape']} "
-        f"{ceiling['start']['large']['gflops']:.0f} / {ceiling['end']['large']['gflops']:.0f} GFLOP/s.",
+        f"{ceiling['start']['large']['gflops']:.0f} / {ceiling['end']['large']['gflops']:.0f} GFLOP/s (torch.mm, "
+        "the kernel the update's products use)."
+        + (f" oneDNN with a packed weight at {ceiling['start']['update_shape_onednn']['shape']}: "
+           f"{ceiling['start']['update_shape_onednn']['gflops']:.0f} / {ceiling['end']['update_shape_onednn']['gflops']:.0f}"
+           " GFLOP/s." if "update_shape_onednn" in ceiling['start'] else ""),
         "",
     ]
     main_rows = [r for r in payload["update"] if r["row"] in UPDATE_CONFIGS]
