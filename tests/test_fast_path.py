@@ -52,11 +52,12 @@ def perturbed_critic(hidden=(24, 20, 16), heads=3, dtype=torch.float64) -> Ensem
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "min", "weighted"])
-def test_fused_critic_gradient_matches_autograd(aggregate: str) -> None:
+@pytest.mark.parametrize("states, particles", [(4, 6), (10, 9)])  # few rows (<= FEW_ROWS) and many
+def test_fused_critic_gradient_matches_autograd(aggregate: str, states: int, particles: int) -> None:
     critic = perturbed_critic()
-    encoded = critic.encode_obs(torch.randn(4, OBS, dtype=torch.float64)).detach()
-    x = torch.randn(4, 6, ACT, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(4, 6, 3, dtype=torch.float64)
+    encoded = critic.encode_obs(torch.randn(states, OBS, dtype=torch.float64)).detach()
+    x = torch.randn(states, particles, ACT, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(states, particles, 3, dtype=torch.float64)
     combine = {
         "mean": lambda q: q.mean(-1),
         "min": lambda q: q.amin(-1),
@@ -71,10 +72,11 @@ def test_fused_critic_gradient_matches_autograd(aggregate: str) -> None:
     assert all(p.grad is None for p in critic.parameters())
 
 
-def test_fused_critic_without_grad_matches_and_float32_is_close() -> None:
+@pytest.mark.parametrize("states, particles", [(3, 5), (9, 10)])
+def test_fused_critic_without_grad_matches_and_float32_is_close(states: int, particles: int) -> None:
     critic = perturbed_critic()
-    encoded = critic.encode_obs(torch.randn(3, OBS, dtype=torch.float64))
-    x = torch.randn(3, 5, ACT, dtype=torch.float64)
+    encoded = critic.encode_obs(torch.randn(states, OBS, dtype=torch.float64))
+    x = torch.randn(states, particles, ACT, dtype=torch.float64)
     with torch.enable_grad():
         plain = critic.forward_from_encoding(encoded, x).detach()
     with torch.no_grad():
@@ -86,11 +88,12 @@ def test_fused_critic_without_grad_matches_and_float32_is_close() -> None:
     torch.testing.assert_close(fast32.double(), plain, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_critic_backward_after_another_forward_recomputes() -> None:
+@pytest.mark.parametrize("first, second", [(4, 4), (4, 40), (40, 4)])  # particles: few or many rows
+def test_fused_critic_backward_after_another_forward_recomputes(first: int, second: int) -> None:
     critic = perturbed_critic()
     encoded = critic.encode_obs(torch.randn(2, OBS, dtype=torch.float64)).detach()
-    x1 = torch.randn(2, 4, ACT, dtype=torch.float64, requires_grad=True)
-    x2 = torch.randn(2, 4, ACT, dtype=torch.float64, requires_grad=True)
+    x1 = torch.randn(2, first, ACT, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, second, ACT, dtype=torch.float64, requires_grad=True)
     q1 = critic.particle_values(encoded, x1)
     q2 = critic.particle_values(encoded, x2)  # overwrites the saved activations of q1
     (g1,) = torch.autograd.grad(q1.sum(), x1)
@@ -168,6 +171,7 @@ AGENT_SETTINGS = {
     "best-of-n": dict(train_budget=0),
     "amortized": dict(variant="amortized"),
     "gaussian-reference": dict(reference="gaussian"),
+    "many-rows": dict(num_particles=8),  # 12 x 8 = 96 particle rows: the critic's large-batch passes
 }
 
 

@@ -15,12 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vgf_prob.distributions.networks import (
+    PACKED_MAX_ROWS,
     ConditionalMLP,
     Workspace,
     autocast_off,
+    broadcast_lead,
     compute_dtype,
     fast_inference_allowed,
 )
+
+FEW_ROWS = PACKED_MAX_ROWS
+"""Up to this many particle rows (acting on one state) the critic's passes use fresh tensors and fused
+LayerNorm kernels (few ops, little Python): there the per-op cost, not arithmetic, is what a call spends."""
 
 
 class EnsembleLinear(nn.Module):
@@ -167,6 +173,7 @@ class _FusedEnsemble:
         self.token = 0
         self._weights: dict[torch.dtype, tuple[tuple, dict[str, list]]] = {}
         self.saved_dtype: torch.dtype | None = None
+        self.few_rows_saved: list[tuple[Tensor, ...]] | None = None
 
     def __deepcopy__(self, memo: dict) -> _FusedEnsemble:
         return _FusedEnsemble()
@@ -201,6 +208,10 @@ class _FusedEnsemble:
                 "b_out": named["trunk.output.bias"],
                 "folded_t": folded,
             }
+            hidden_weights = weights["w"] + [None]
+            hidden_biases = weights["b"] + [None]
+            weights["few_rows_layers"] = list(zip(gammas, weights["beta"], weights["eps"], hidden_weights,
+                                                  hidden_biases))
             cached = self._weights[dtype] = (key, weights)
         return cached[1]
 
@@ -214,9 +225,38 @@ class _FusedEnsemble:
         without it one set of buffers (kept apart from the saved ones) serves all layers.
         """
         dtype = dtype or compute_dtype(actions, critic.first.weight.dtype)
+        encoded, actions_c = encoded.to(dtype), actions.to(dtype)
+        rows = math.prod(broadcast_lead(encoded.shape[1:-1], actions.shape[:-1]))
         with autocast_off(actions.device.type):
-            q = self._values(critic, encoded.to(dtype), actions.to(dtype), save, dtype)
+            if rows <= FEW_ROWS and dtype != torch.bfloat16:
+                q = self._values_few_rows(critic, encoded, actions_c, save, dtype)
+            else:
+                q = self._values(critic, encoded, actions_c, save, dtype)
         return q.to(actions.dtype)
+
+    def _values_few_rows(self, critic: EnsembleCritic, encoded: Tensor, actions: Tensor, save: bool,
+                         dtype: torch.dtype) -> Tensor:
+        """The forward for a few rows (acting on one state), where Python and per-op costs dominate: fresh
+        tensors, the fused LayerNorm kernel, four ops per layer. ``save`` keeps (z, mean, 1/std, h) per layer."""
+        w = self.weights(critic, dtype)
+        heads, width = encoded.shape[0], encoded.shape[-1]
+        lead = broadcast_lead(encoded.shape[1:-1], actions.shape[:-1])
+        rows = math.prod(lead)
+        start = encoded.expand(heads, *lead, width).reshape(heads, rows, width)
+        z = torch.baddbmm(start, actions.expand(*lead, actions.shape[-1]).reshape(1, rows, -1).expand(heads, -1, -1),
+                          w["w_a"])
+        saved = []
+        for gamma, beta, eps, weight, bias in w["few_rows_layers"]:
+            u, mean, rstd = torch.native_layer_norm(z, [z.shape[-1]], None, None, eps)
+            h = torch.addcmul(beta, u, gamma).relu_()
+            saved.append((z, mean, rstd, h))
+            z = torch.baddbmm(bias, h, weight) if weight is not None else None
+        if save:
+            self.token += 1
+            self.saved_dtype = dtype
+            self.few_rows_saved = saved
+        q = torch.baddbmm(w["b_out"], h, w["w_out"])  # [H, M, 1]
+        return q.squeeze(-1).t().reshape(*lead, heads)
 
     def _values(self, critic: EnsembleCritic, encoded: Tensor, actions: Tensor, save: bool,
                 dtype: torch.dtype) -> Tensor:
@@ -234,6 +274,7 @@ class _FusedEnsemble:
         if save:
             self.token += 1
             self.saved_dtype = dtype
+            self.few_rows_saved = None
         for layer in range(layers):
             tag = layer if save else 0
             d = u.shape[-1]
@@ -264,6 +305,8 @@ class _FusedEnsemble:
         once, to the final ``[H, M, A]`` gradient (the LayerNorm backward runs on u with mean 0, std 1).
         """
         w = self._weights[self.saved_dtype][1]
+        if self.few_rows_saved is not None:
+            return self._action_grad_few_rows(w, grad_q)
         ws = self.workspace
         out_dtype = grad_q.dtype
         grad_q = grad_q.to(w["w_out"].dtype)
@@ -289,6 +332,23 @@ class _FusedEnsemble:
                 return grad.to(out_dtype)
             g = ws.get("g_h", (heads, rows, folded[layer - 1].shape[-1]), grad_q)
             torch.bmm(g_z, folded[layer - 1], out=g)
+        raise AssertionError("unreachable")
+
+    def _action_grad_few_rows(self, w: dict[str, list], grad_q: Tensor) -> Tensor:
+        """``action_grad`` after a few-rows forward: per layer from the top, the ReLU mask, the LayerNorm
+        backward from the saved (z, mean, 1/std), and the product with the gamma-folded transposed weight."""
+        out_dtype = grad_q.dtype
+        grad_q = grad_q.to(w["w_out"].dtype)
+        folded = w["folded_t"]
+        g = grad_q.t().unsqueeze(-1) * folded[-1]
+        for layer in reversed(range(len(folded))):
+            z, mean, rstd, h = self.few_rows_saved[layer]
+            g_u = torch.ops.aten.threshold_backward(g, h, 0.0)
+            g_z = torch.ops.aten.native_layer_norm_backward(g_u, z, [z.shape[-1]], mean, rstd, None, None,
+                                                            [True, False, False])[0]
+            if layer == 0:
+                return torch.bmm(g_z, w["w_a"].transpose(1, 2)).sum(0).to(out_dtype)
+            g = torch.bmm(g_z, folded[layer - 1])
         raise AssertionError("unreachable")
 
     @staticmethod
