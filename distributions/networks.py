@@ -254,6 +254,13 @@ class _FastPlan:
         return _FastPlan().__dict__
 
 
+def run_packed_steps(steps: list[tuple], hidden: Tensor) -> Tensor:
+    """Apply a `_FastPlan.packed_program` op list: ``hidden = op(hidden, *args)`` for each step."""
+    for op, args in steps:
+        hidden = op(hidden, *args)
+    return hidden
+
+
 class ConditionalMLP(nn.Module):
     """y = MLP(concat(c, x)), with the first layer split as W [c; x] + b = (W_c c + b) + W_x x.
 
@@ -369,9 +376,18 @@ class ConditionalMLP(nn.Module):
         width = self.first.out_features
         flat_inputs = inputs.expand(*lead, inputs.shape[-1]).reshape(rows, inputs.shape[-1])
         hidden = encoded.expand(*lead, width).reshape(rows, width).addmm(flat_inputs, inputs_weight_t)
-        for op, args in steps:
-            hidden = op(hidden, *args)
+        hidden = run_packed_steps(steps, hidden)
         return hidden.view(*lead, hidden.shape[-1])
+
+    def packed_pass(self, inputs: Tensor, rows: int) -> tuple[Tensor, list[tuple]] | None:
+        """What a caller needs to run this network's few-rows oneDNN pass itself, e.g. in a loop of Euler
+        steps: ``(W_x^T, steps)``, W_x^T ``[I, H1]`` in the compute dtype; the output for a first-layer
+        pre-activation ``z [rows, H1]`` is ``run_packed_steps(steps, z)``. None where the pass does not apply
+        (more than ``PACKED_MAX_ROWS`` rows, GPU, float64, a graph needed, a compiled or custom trunk)."""
+        if (rows > PACKED_MAX_ROWS or self._fast_layers is None or not packed_linear_available(inputs)
+                or not fast_inference_allowed(self, inputs)):
+            return None
+        return self._plan.packed_program(self, compute_dtype(inputs, self.first.weight.dtype))
 
     def forward(self, context: Tensor, inputs: Tensor) -> Tensor:
         """MLP(concat(context, inputs)); ``context`` and ``inputs`` share their leading dimensions."""

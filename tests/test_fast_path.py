@@ -151,14 +151,34 @@ def test_workspace_keeps_a_few_shapes_and_copies_empty() -> None:
     assert copy.deepcopy(ws)._buffers == {} and pickle.loads(pickle.dumps(ws))._buffers == {}
 
 
-def test_flow_matching_sampling_is_the_same_with_and_without_the_inference_path(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "dtype, states, particles",
+    [(torch.float64, 3, 5), (torch.float32, 1, 10), (torch.float32, 3, 5), (torch.float32, 8, 10)],
+)  # float32 with <= 64 rows: the Euler loop with the packed oneDNN pass inlined; otherwise reused buffers
+def test_flow_matching_sampling_is_the_same_with_and_without_the_inference_path(
+    monkeypatch, dtype: torch.dtype, states: int, particles: int
+) -> None:
     torch.manual_seed(0)
-    policy = FlowMatchingPolicy(OBS, ACT, hidden_dims=(16, 16), num_steps=4).double()
-    obs = torch.randn(3, OBS, dtype=torch.float64)
-    fast = policy(obs).sample_particles(5, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr("vgf_prob.distributions.networks.fast_inference_allowed", lambda *a: False)
-    plain = policy(obs).sample_particles(5, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    policy = FlowMatchingPolicy(OBS, ACT, hidden_dims=(16, 16), num_steps=4).to(dtype)
+    obs = torch.randn(states, OBS, dtype=dtype)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+
+    def draws() -> torch.Tensor:
+        return policy(obs).sample_particles(particles, generator=torch.Generator().manual_seed(1))
+
+    fast = draws()
+    with torch.no_grad():
+        policy.velocity_net.trunk[0].weight.mul_(1.3)  # a parameter change must reach the cached pass
+    fast_changed = draws()
+    with monkeypatch.context() as patch:
+        patch.setattr("vgf_prob.distributions.networks.fast_inference_allowed", lambda *a: False)
+        plain_changed = draws()
+        with torch.no_grad():
+            policy.velocity_net.trunk[0].weight.div_(1.3)
+        plain = draws()
+    torch.testing.assert_close(fast, plain, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(fast_changed, plain_changed, rtol=tolerance, atol=tolerance)
+    assert not torch.allclose(fast, fast_changed)
 
 
 def make_batch(step: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
