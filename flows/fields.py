@@ -116,36 +116,38 @@ def _repulsion_through_bandwidth(x: Tensor) -> tuple[Tensor, Tensor]:
     in closed form (no autograd graph; `_repulsion_through_bandwidth_autograd` is the reference).
 
     With K_ij = exp(-d_ij / c), d_ij = ||x_i - x_j||^2, c = 2 s^2 + 1e-6, s^2 = max(m / (2 log(N + 1)), 1e-12)
-    and m the median of the pairwise squared distances:
-        grad_i = sum_k K_ik (-2 (x_i - x_k) / c)                        (first argument; the second is held)
-               + (sum_jk K_jk d_jk / c^2) * 2 / (2 log(N + 1)) * dm/dx_i   (through the bandwidth),
-    where m is one (or the mean of two) selected off-diagonal d_ab, so dm/dx_a = 2 (x_a - x_b) w = -dm/dx_b.
+    and m the median of the pairwise squared distances, m = (1/2) sum_ab W_ab d_ab with W_ab = W_ba = the
+    weight of each selected entry (one, or two at 1/2), so dm/dx_i = 2 sum_j W_ij (x_i - x_j):
+        grad_i = sum_j [K_ij (-2 / c) + (sum_kl K_kl d_kl / c^2) (2 / (2 log(N + 1))) 2 W_ij] (x_i - x_j),
+    the first term from the kernel's first argument (the second is held), the second through the bandwidth.
+    One reduction over j forms both.
     """
     n = x.shape[-2]
     with torch.no_grad():
-        median, median_grad = _median_and_gradient(pairwise_sq_distances(x), x)
+        difference = x.unsqueeze(-2) - x.unsqueeze(-3)  # explicit x_i - x_j: exact zeros for equal particles
+        sq = difference.square().sum(-1)
+        median, median_weights = _median_and_weights(sq)
         raw = median / (2.0 * math.log(n + 1))
         bandwidth_sq = raw.clamp_min(BANDWIDTH_FLOOR)
         denominator = (2.0 * bandwidth_sq + KERNEL_DENOMINATOR_EPS)[..., None, None]
-        difference = x.unsqueeze(-2) - x.unsqueeze(-3)  # explicit x_i - x_j: exact zeros for equal particles
-        sq = difference.square().sum(-1)
         kernel = torch.exp(-sq / denominator)
-        direct = (kernel.unsqueeze(-1) * difference).sum(-2) * (-2.0 / denominator)
         through_bandwidth = (kernel * sq).sum((-1, -2), keepdim=True) / denominator.square()
         # c = 2 s^2 + eps and s^2 = m / (2 log(N + 1)) unless floored (clamp_min passes the gradient at >=)
         dc_dm = (raw >= BANDWIDTH_FLOOR).to(x.dtype)[..., None, None] * (2.0 / (2.0 * math.log(n + 1)))
-        grad = direct + through_bandwidth * dc_dm * median_grad
+        coefficient = kernel * (-2.0 / denominator) + (2.0 * through_bandwidth * dc_dm) * median_weights
+        grad = (coefficient.unsqueeze(-1) * difference).sum(-2)
     return kernel, -grad
 
 
-def _median_and_gradient(sq_distances: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The median of all N*N entries of ``sq_distances`` (as `flows.kernels.median_bandwidth` takes it) and its
-    gradient with respect to the particles x, d2_ab = ||x_a||^2 + ||x_b||^2 - 2 x_a.x_b for the selected pairs."""
+def _median_and_weights(sq_distances: Tensor) -> tuple[Tensor, Tensor]:
+    """The median m of all N*N entries of ``sq_distances`` (as `flows.kernels.median_bandwidth` takes it) and
+    symmetric weights W with m = (1/2) sum_ab W_ab d_ab: the weight of the selected off-diagonal entry (1, or
+    1/2 each for two) at (a, b) and at (b, a); all zero when the median is a diagonal zero."""
     n = sq_distances.shape[-1]
-    grad = torch.zeros_like(x)
+    weights = torch.zeros_like(sq_distances)
     if n == 1:
-        return sq_distances[..., 0, 0], grad
-    rows, cols = torch.triu_indices(n, n, offset=1, device=x.device)
+        return sq_distances[..., 0, 0], weights
+    rows, cols = torch.triu_indices(n, n, offset=1, device=sq_distances.device)
     off_diagonal = sq_distances[..., rows, cols]
     count = n * n
 
@@ -165,17 +167,15 @@ def _median_and_gradient(sq_distances: Tensor, x: Tensor) -> tuple[Tensor, Tenso
         else:
             lower, lower_index = kth_smallest(count // 2)
             terms, median = [(upper_index, 0.5), (lower_index, 0.5)], 0.5 * (upper + lower)
-    event = x.shape[-1]
+    flat_weights = weights.flatten(-2)
     for index, weight in terms:
         if index is None:
             continue
-        a = rows[index].unsqueeze(-1)  # [..., 1]
-        b = cols[index].unsqueeze(-1)
-        a_event, b_event = (i.unsqueeze(-1).expand(*i.shape, event) for i in (a, b))
-        delta = (x.gather(-2, a_event) - x.gather(-2, b_event)) * (2.0 * weight)
-        grad.scatter_add_(-2, a_event, delta)
-        grad.scatter_add_(-2, b_event, -delta)
-    return median, grad
+        a, b = rows[index].unsqueeze(-1), cols[index].unsqueeze(-1)
+        value = torch.full(a.shape, weight, dtype=weights.dtype, device=weights.device)
+        flat_weights.scatter_add_(-1, a * n + b, value)
+        flat_weights.scatter_add_(-1, b * n + a, value)
+    return median, flat_weights.view_as(weights)
 
 
 def _repulsion_through_bandwidth_autograd(x: Tensor) -> tuple[Tensor, Tensor]:
