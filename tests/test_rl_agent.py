@@ -299,6 +299,20 @@ def test_acting_with_budget_zero_is_best_of_n_from_the_reference(aggregation):
     torch.testing.assert_close(agent.explore(obs, torch.Generator().manual_seed(4)), actions)
 
 
+def test_best_of_n_shortcut_matches_the_flow_with_no_steps_and_refuses_nan():
+    agent = make_agent()
+    obs = torch.randn(5, OBS)
+    shortcut = agent.act(obs, budget=0, generator=torch.Generator().manual_seed(2))
+    # a combined budget goes through the flow machinery; zero steps leave the particles where they are
+    through_flow = agent.act(obs, budget=StepBudget(0) & DisplacementBudget(10.0),
+                             generator=torch.Generator().manual_seed(2))
+    assert torch.equal(shortcut, through_flow)
+    with torch.no_grad():
+        agent.reference.velocity_net.trunk[-1].bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        agent.act(obs, budget=0)
+
+
 def test_acting_moves_particles_and_stays_in_the_action_box():
     agent = make_agent(vgf_lr=0.5)
     obs = torch.randn(10, OBS)

@@ -255,10 +255,17 @@ class VGFAgent(nn.Module):
         target. The critic receives no gradient.
         """
         obs, single = self._prepare_obs(obs)
-        budget = self.config.acting_budget if budget is None else budget
-        policy, critic_fn = self.transport(obs, as_budget(budget), generator)
-        scores = evaluate(critic_fn, obs, policy.particles, self.config.head_aggregation)
-        actions = policy.select("argmax", scores=scores)
+        budget = as_budget(self.config.acting_budget if budget is None else budget)
+        if _takes_no_steps(budget):  # best-of-N: the flow is the identity, so its machinery is skipped
+            particles = self.reference_particles(obs, self.config.num_particles, generator)
+            critic_fn = self.particle_fn(self.critic, obs)
+        else:
+            policy, critic_fn = self.transport(obs, budget, generator)
+            particles = policy.particles
+        scores = evaluate(critic_fn, obs, particles, self.config.head_aggregation)
+        actions = particles.gather(-2, scores.argmax(-1)[:, None, None].expand(-1, 1, self.action_dim)).squeeze(-2)
+        if not torch.isfinite(actions).all():
+            raise ValueError("the chosen actions contain NaN or inf: the BC reference or the critic produced them")
         return actions[0] if single else actions
 
     def best_of_n(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -378,6 +385,11 @@ class VGFAgent(nn.Module):
             bad = [key for key, t in tensors.items() if not torch.isfinite(t).all()]
             raise ValueError(f"batch contains NaN or infinite values in {bad}")
         return tensors
+
+
+def _takes_no_steps(budget: Budget) -> bool:
+    """Whether ``budget`` is a plain step budget of 0 for every state (acting is then best-of-N)."""
+    return isinstance(budget, StepBudget) and not isinstance(budget.steps, Tensor) and budget.steps == 0
 
 
 __all__ = ["BATCH_KEYS", "VGFAgent"]
