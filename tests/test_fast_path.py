@@ -17,7 +17,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rl_helpers import synthetic_batch

@@ -220,8 +220,9 @@ class _FusedEnsemble:
                dtype: torch.dtype | None = None) -> Tensor:
         """Q ``[*lead, H]`` at ``actions [*lead, A]``, lead = (B, N) broadcast against ``encoded [H, B, 1, D0]``.
 
-        LayerNorm runs in place on the product's buffer: mean, subtract, norm, scale (faster here than the
-        fused kernel). ``save`` keeps each layer's normalised u, 1/std and output h for ``action_grad``;
+        Up to ``FEW_ROWS`` rows (float32/float64) `_values_few_rows` runs. Otherwise LayerNorm runs in place on
+        the product's buffer: mean, subtract, norm, scale (faster at 2560 rows than the fused kernel, whose fresh
+        output page-faults). ``save`` keeps each layer's normalised u, 1/std and output h for ``action_grad``;
         without it one set of buffers (kept apart from the saved ones) serves all layers.
         """
         dtype = dtype or compute_dtype(actions, critic.first.weight.dtype)
@@ -349,7 +350,6 @@ class _FusedEnsemble:
                 return torch.bmm(g_z, w["w_a"].transpose(1, 2)).sum(0).to(out_dtype)
             g = torch.bmm(g_z, w["w"][layer - 1].transpose(1, 2)).mul_(w["gamma"][layer - 1])
         raise AssertionError("unreachable")
-
 
 
 def _unit_layer_norm_backward(ws: Workspace, g_u: Tensor, u: Tensor) -> Tensor:
