@@ -39,6 +39,12 @@ class TransportReport:
         )
 
 
+def gather_particles(particles: Tensor, index: Tensor) -> Tensor:
+    """``particles [*B, N, A]`` at one particle index per state ``index [*B]``: ``[*B, A]``."""
+    event = particles.shape[-1]
+    return particles.gather(-2, index[..., None, None].expand(*index.shape, 1, event)).squeeze(-2)
+
+
 @contextlib.contextmanager
 def _default_validation(enabled: bool) -> Iterator[None]:
     """torch.distributions' default ``validate_args`` set to ``enabled`` for the duration (as
@@ -147,6 +153,4 @@ class ParticlePolicy(Empirical):
         return scores
 
     def _gather(self, index: Tensor) -> Tensor:
-        event = self._samples.shape[-1]
-        gathered = self._samples.gather(-2, index[..., None, None].expand(*index.shape, 1, event))
-        return gathered.squeeze(-2)
+        return gather_particles(self._samples, index)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from vgf_prob.budget import Budget, StepBudget, as_budget
 from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
 from vgf_prob.distributions.gaussian import GaussianPolicy
-from vgf_prob.distributions.particle import ParticlePolicy
+from vgf_prob.distributions.particle import ParticlePolicy, gather_particles
 from vgf_prob.flows import AmortizedGradient, ParticleAdam, SteinField, action_gradient
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.networks import AmortizedGradientNetwork, EnsembleCritic
@@ -263,7 +263,7 @@ class VGFAgent(nn.Module):
             policy, critic_fn = self.transport(obs, budget, generator)
             particles = policy.particles
         scores = evaluate(critic_fn, obs, particles, self.config.head_aggregation)
-        actions = particles.gather(-2, scores.argmax(-1)[:, None, None].expand(-1, 1, self.action_dim)).squeeze(-2)
+        actions = gather_particles(particles, scores.argmax(-1))
         if not torch.isfinite(actions).all():
             raise ValueError("the chosen actions contain NaN or inf: the BC reference or the critic produced them")
         return actions[0] if single else actions

@@ -227,21 +227,20 @@ class _FusedEnsemble:
         """
         dtype = dtype or compute_dtype(actions, critic.first.weight.dtype)
         encoded, actions_c = encoded.to(dtype), actions.to(dtype)
-        rows = math.prod(broadcast_lead(encoded.shape[1:-1], actions.shape[:-1]))
+        lead = broadcast_lead(encoded.shape[1:-1], actions.shape[:-1])
         with autocast_off(actions.device.type):
-            if rows <= FEW_ROWS and dtype != torch.bfloat16:
-                q = self._values_few_rows(critic, encoded, actions_c, save, dtype)
+            if math.prod(lead) <= FEW_ROWS and dtype != torch.bfloat16:
+                q = self._values_few_rows(critic, encoded, actions_c, lead, save, dtype)
             else:
                 q = self._values(critic, encoded, actions_c, save, dtype)
         return q.to(actions.dtype)
 
-    def _values_few_rows(self, critic: EnsembleCritic, encoded: Tensor, actions: Tensor, save: bool,
-                         dtype: torch.dtype) -> Tensor:
+    def _values_few_rows(self, critic: EnsembleCritic, encoded: Tensor, actions: Tensor, lead: torch.Size,
+                         save: bool, dtype: torch.dtype) -> Tensor:
         """The forward for a few rows (acting on one state), where Python and per-op costs dominate: fresh
         tensors, the fused LayerNorm kernel, four ops per layer. ``save`` keeps (z, mean, 1/std, h) per layer."""
         w = self.weights(critic, dtype)
         heads, width = encoded.shape[0], encoded.shape[-1]
-        lead = broadcast_lead(encoded.shape[1:-1], actions.shape[:-1])
         rows = math.prod(lead)
         start = encoded.expand(heads, *lead, width).reshape(heads, rows, width)
         z = torch.baddbmm(start, actions.expand(*lead, actions.shape[-1]).reshape(1, rows, -1).expand(heads, -1, -1),
@@ -250,7 +249,8 @@ class _FusedEnsemble:
         for gamma, beta, eps, weight, bias in w["few_rows_layers"]:
             u, mean, rstd = torch.native_layer_norm(z, [z.shape[-1]], None, None, eps)
             h = torch.addcmul(beta, u, gamma).relu_()
-            saved.append((z, mean, rstd, h))
+            if save:
+                saved.append((z, mean, rstd, h))
             z = torch.baddbmm(bias, h, weight) if weight is not None else None
         if save:
             self.token += 1
