@@ -105,21 +105,48 @@ def test_unknown_ogbench_task_is_a_clear_error():
         make_env("cube-nonagonal-play-v0")
 
 
+def test_gymnasium_robotics_missing_is_a_clear_error(monkeypatch):
+    real_import = importlib.import_module
+
+    def no_robotics(name, *args):
+        if name == "gymnasium_robotics":
+            raise ImportError("No module named 'gymnasium_robotics'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_robotics)
+    with pytest.raises(ImportError, match="needs the 'gymnasium-robotics' package"):
+        make_env("antmaze-umaze-v2")
+
+
 @pytest.mark.parametrize(("name", "d4rl_goal"), [("antmaze-umaze-v2", (0, 8)), ("antmaze-large-diverse-v2", (32, 24)),
                                                ("pen-human-v1", None)])
 def test_gymnasium_robotics_families(name, d4rl_goal):
-    if importlib.util.find_spec("gymnasium_robotics") is None:
-        with pytest.raises(ImportError, match="gymnasium-robotics"):
-            make_env(name)
-        return
+    pytest.importorskip("gymnasium_robotics", reason="gymnasium-robotics (in the dev extra) is not installed")
     env = make_env(name, seed=0)
     obs, _ = env.reset(seed=0)
     assert obs.shape == env.observation_space.shape == (resolve_env_name(name)[1].obs_dim,)
-    if d4rl_goal is not None:  # D4RL frame: start cell at the origin, goal where D4RL's evaluation put it
-        maze = env.unwrapped
-        goal = maze.goal - maze.maze.unique_reset_locations[0]
-        np.testing.assert_allclose(goal, d4rl_goal, atol=1.0)
-        np.testing.assert_allclose(obs[:2], 0.0, atol=1.0)
+    if d4rl_goal is None:  # Adroit: a short random rollout scored with D4RL's reference returns
+        result = evaluate(random_act_fn(env.action_space.shape[0]), name, num_episodes=2, max_episode_steps=5)
+        r_min, r_max = D4RL_REF_SCORES[name.split("-")[0]]
+        assert result.score_kind == "d4rl_normalized" and np.all(result.lengths == 5)
+        np.testing.assert_allclose(result.normalized_scores, 100 * (result.returns - r_min) / (r_max - r_min))
+        return
+    # D4RL frame: start cell at the origin, goal where D4RL's evaluation put it
+    maze = env.unwrapped
+    goal = maze.goal - maze.maze.unique_reset_locations[0]
+    np.testing.assert_allclose(goal, d4rl_goal, atol=1.0)
+    np.testing.assert_allclose(obs[:2], 0.0, atol=1.0)
+    # away from the goal: sparse reward 0, no success, the episode goes on
+    obs, reward, terminated, _, info = env.step(np.zeros(env.action_space.shape))
+    assert (reward, terminated, info["success"]) == (0.0, False, False), "antmaze rewards a step far from the goal"
+    # the ant put on the goal: reward 1, success reported, episode ends (D4RL antmaze: return = success)
+    qpos, qvel = maze.ant_env.data.qpos.copy(), maze.ant_env.data.qvel.copy()
+    qpos[:2] = maze.goal
+    maze.ant_env.set_state(qpos, qvel)
+    obs, reward, terminated, _, info = env.step(np.zeros(env.action_space.shape))
+    assert (reward, terminated, info["success"]) == (1.0, True, True), "antmaze does not score the ant at its goal"
+    np.testing.assert_allclose(obs[:2], goal, atol=1e-6, err_msg="the observation's position is not in D4RL's frame")
+    env.close()
 
 
 def test_plots_write_png_files(tmp_path):
