@@ -13,7 +13,7 @@ from rl_helpers import synthetic_batch
 
 from vgf_prob.budget import DisplacementBudget, StepBudget
 from vgf_prob.rl.agent import VGFAgent
-from vgf_prob.rl.config import PRESETS, VGFConfig, preset
+from vgf_prob.rl.config import OFFLINE_TO_ONLINE_PRESETS, PRESETS, VGFConfig, preset
 from vgf_prob.rl.networks import AmortizedGradientNetwork, EnsembleCritic
 from vgf_prob.transport import ValueGradientFlow
 
@@ -61,29 +61,60 @@ def test_config_defaults_are_the_papers():
 
 
 def test_config_round_trips_and_rejects_bad_fields():
-    cfg = VGFConfig(train_budget=4, test_budget=1, head_aggregation="min", critic_hidden_dims=(64, 64))
+    cfg = VGFConfig(train_budget=4, test_budget=1, target_aggregation="min", critic_hidden_dims=(64, 64))
     assert VGFConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown VGFConfig field.*'budget'"):
         VGFConfig.from_dict({"budget": 3})
-    for bad in ({"head_aggregation": "max"}, {"variant": "svgd"}, {"num_particles": 0}, {"tau": 0.0},
+    for bad in ({"target_aggregation": "max"}, {"variant": "svgd"}, {"num_particles": 0}, {"tau": 0.0},
                 {"critic_hidden_dims": ()}, {"alpha": -1.0}, {"train_budget": 1.5}, {"reference": "diffusion"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             VGFConfig(**bad)
 
 
-def test_presets_follow_the_authors_scripts():
+def test_d4rl_preset_is_the_authors_shared_setting():
+    """REFERENCE.md section 3: the authors' D4RL offline script, one setting for every task."""
+    for task in ("hopper-medium-v2", "halfcheetah-medium-expert-v2", "walker2d-medium-replay-v2",
+                 "antmaze-large-diverse-v2"):
+        cfg = preset(task)
+        assert (cfg.variant, cfg.num_particles, cfg.flow_steps, cfg.train_budget, cfg.vgf_lr, cfg.alpha) == (
+            "stein", 10, 10, 5, 0.1, 0.1), task
+        assert (cfg.flow_aggregation, cfg.target_aggregation, cfg.discount) == ("mean", "min", 0.99), task
+        assert cfg.differentiate_bandwidth and cfg.max_grad_norm == 0, task
+    assert preset("antmaze-large-diverse-v2", train_budget=2).train_budget == 2
+
+
+def test_ogbench_presets_follow_the_offline_and_offline_to_online_scripts():
     cube = preset("cube-double-play-singletask-task2-v0")
-    assert (cube.variant, cube.train_budget, cube.vgf_lr, cube.discount, cube.head_aggregation) == (
-        "amortized", 1, 0.05, 0.99, "mean")
-    assert cube.num_particles == 5 and cube.max_grad_norm == 1.0
+    assert (cube.variant, cube.train_budget, cube.vgf_lr, cube.alpha, cube.num_particles) == ("stein", 1, 0.1, 1.0, 10)
+    assert (cube.discount, cube.flow_aggregation, cube.target_aggregation) == (0.99, "mean", "mean")
     giant = preset("antmaze-giant-navigate-v0")
-    assert (giant.train_budget, giant.vgf_lr, giant.discount, giant.head_aggregation) == (5, 0.1, 0.995, "min")
-    d4rl = preset("antmaze-large-diverse-v2", train_budget=2)
-    assert (d4rl.variant, d4rl.head_aggregation, d4rl.discount, d4rl.train_budget) == ("stein", "min", 0.99, 2)
-    assert preset("hopper-medium-v2").head_aggregation == "min"
+    assert (giant.variant, giant.discount, giant.flow_aggregation, giant.target_aggregation) == (
+        "stein", 0.995, "mean", "min")
+    puzzle = preset("puzzle-4x4-play-singletask-task4-v0")
+    assert (puzzle.train_budget, puzzle.vgf_lr, puzzle.alpha) == (3, 0.01, 0.2)
+    online = preset("cube-double-play-singletask-task2-v0", source="offline-to-online")
+    assert (online.variant, online.train_budget, online.vgf_lr, online.discount) == ("amortized", 1, 0.05, 0.99)
+    assert online.num_particles == 5 and online.max_grad_norm == 1.0 and online.flow_aggregation == "mean"
+    online_giant = preset("antmaze-giant-navigate-v0", source="offline-to-online")
+    assert (online_giant.train_budget, online_giant.vgf_lr, online_giant.target_aggregation) == (5, 0.1, "min")
     assert all(isinstance(preset(name), VGFConfig) for name in PRESETS)
-    with pytest.raises(ValueError, match="no VGF preset for task 'pen-human-v1'"):
+    assert all(isinstance(preset(name, "offline-to-online"), VGFConfig) for name in OFFLINE_TO_ONLINE_PRESETS)
+    with pytest.raises(ValueError, match="no VGF preset .offline. for task 'pen-human-v1'"):
         preset("pen-human-v1")
+    with pytest.raises(ValueError, match="preset source"):
+        preset("hopper-medium-v2", source="online")
+
+
+def test_config_saved_with_one_head_aggregation_loads_with_its_old_meaning():
+    """Checkpoints before the split stored head_aggregation: TD target and selection; the flow took the mean."""
+    old = VGFConfig().to_dict()
+    del old["flow_aggregation"], old["target_aggregation"]
+    old["head_aggregation"] = "min"
+    with pytest.warns(UserWarning, match="head_aggregation .* read as target_aggregation"):
+        cfg = VGFConfig.from_dict(old)
+    assert (cfg.flow_aggregation, cfg.target_aggregation) == ("mean", "min")
+    with pytest.raises(ValueError, match="not both"):
+        VGFConfig.from_dict({"head_aggregation": "min", "target_aggregation": "mean"})
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -164,7 +195,7 @@ def test_td_target_changes_when_the_flow_moves_the_particles():
 
 
 def test_td_target_is_the_target_critic_at_the_transported_particles(monkeypatch):
-    agent = make_agent(head_aggregation="min")
+    agent = make_agent(target_aggregation="min")
     agent.update(make_batch(0))  # target critic != online critic from here on
     flows = []
     original = ValueGradientFlow.__call__
@@ -286,7 +317,7 @@ def test_bad_batches_raise_before_anything_changes(key, value, message):
 
 @pytest.mark.parametrize("aggregation", ["mean", "min"])
 def test_acting_with_budget_zero_is_best_of_n_from_the_reference(aggregation):
-    agent = make_agent(head_aggregation=aggregation)
+    agent = make_agent(target_aggregation=aggregation)
     agent.update(make_batch())
     obs = torch.randn(6, OBS)
     actions = agent.act(obs, budget=0, generator=torch.Generator().manual_seed(4))

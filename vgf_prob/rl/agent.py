@@ -3,8 +3,8 @@
 One update, on a batch of transitions (s, a, r, s', mask):
 
     x^0_i ~ mu(. | s'), i = 1..N                 (BC reference, flow matching by default)
-    x^L   = L_train steps of the value gradient flow driven by the online critic (heads meaned)
-    y     = r + gamma * mask * (1/N) sum_i Qbar(s', x^L_i)   (target critic, heads by min or mean)
+    x^L   = L_train steps of the value gradient flow driven by the online critic (heads by flow_aggregation)
+    y     = r + gamma * mask * (1/N) sum_i Qbar(s', x^L_i)   (target critic, heads by target_aggregation)
     loss  = sum_k mean_batch (y - Q_k(s, a))^2,  plus one BC step on (s, a) and a Polyak step for Qbar.
 
 Acting draws N particles from mu(. | s), runs L_test flow steps and returns the particle with the highest
@@ -31,7 +31,7 @@ from vgf_prob.flows import AmortizedGradient, ParticleAdam, SteinField, action_g
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.networks import AmortizedGradientNetwork, EnsembleCritic
 from vgf_prob.transport import BoxProjection, ValueGradientFlow
-from vgf_prob.values import evaluate
+from vgf_prob.values import HeadAggregation, evaluate
 
 BATCH_KEYS = ("observations", "actions", "rewards", "next_observations", "masks")
 ParticleFn = Callable[[Tensor | None, Tensor], Tensor]
@@ -144,7 +144,8 @@ class VGFAgent(nn.Module):
 
         Returns the resulting `ParticlePolicy` and the critic's ``fn(obs, x) -> [B, N, H]`` (with its cached
         state encoding, for scoring the particles). The flow is ParticleAdam(vgf_lr) on the Stein field of
-        mean_k Q_k (or on f(s, x) for the amortised variant), clipped to the action box [-1, 1].
+        the critic's heads combined by ``config.flow_aggregation`` (the authors: mean), or on f(s, x) for the
+        amortised variant, clipped to the action box [-1, 1].
         """
         critic_fn = self.particle_fn(self.critic, obs)
         field = self.stein_field if self.amortized is None else AmortizedGradient(self.particle_fn(self.amortized, obs))
@@ -153,7 +154,7 @@ class VGFAgent(nn.Module):
             self.act_solver if check_finite else self.train_solver,
             budget=budget,
             projection=self.projection,
-            aggregation="mean",
+            aggregation=self.config.flow_aggregation,
             validate=check_finite,
         )
         start = self.reference_particles(obs, self.config.num_particles, generator, validate=check_finite)
@@ -163,13 +164,14 @@ class VGFAgent(nn.Module):
     def td_target(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> TensorInfo:
         """y = r + gamma * mask * (1/N) sum_i Qbar(s', x_i), x the next-state particles after L_train flow steps.
 
-        Returns (y [B], info). Qbar's heads are combined by ``config.head_aggregation``.
+        The flow is driven by the online critic with heads combined by ``config.flow_aggregation``; Qbar is the
+        target critic with heads combined by ``config.target_aggregation``. Returns (y [B], info).
         """
         next_obs = batch["next_observations"]
         with torch.no_grad():
             policy, _ = self.transport(next_obs, self.train_budget, generator, check_finite=False)
             target_fn = self.particle_fn(self.target_critic, next_obs)
-            next_q = evaluate(target_fn, next_obs, policy.particles, self.config.head_aggregation).mean(-1)
+            next_q = evaluate(target_fn, next_obs, policy.particles, self.config.target_aggregation).mean(-1)
             target = batch["rewards"] + self.config.discount * batch["masks"] * next_q
         info = {"target_q": target.mean(), "next_q": next_q.mean(), "flow_displacement": policy.report.displacement.mean()}
         return target, info
@@ -195,10 +197,12 @@ class VGFAgent(nn.Module):
         return loss, {"bc_loss": loss.detach(), **{f"bc_{k}": v for k, v in info.items()}}
 
     def amortized_loss(self, batch: Mapping[str, Tensor]) -> TensorInfo:
-        """MSE between f(s, a) and grad_a mean_k Q_k(s, a) at dataset pairs (the critic gets no gradient)."""
+        """MSE between f(s, a) and grad_a Q(s, a) at dataset pairs, heads combined by ``config.flow_aggregation``
+        (the field f replaces that gradient in the flow); the critic gets no gradient."""
         obs, actions = batch["observations"], batch["actions"]
         critic_fn = self.particle_fn(self.critic, obs)
-        _, score = action_gradient(lambda o, x: critic_fn(o, x).mean(-1), obs, actions.unsqueeze(-2))
+        heads = HeadAggregation(critic_fn, self.config.flow_aggregation)
+        _, score = action_gradient(heads, obs, actions.unsqueeze(-2))
         loss = F.mse_loss(self.amortized(obs, actions), score.squeeze(-2))
         return loss, {"amortized_loss": loss.detach(), "score_norm": score.norm(dim=-1).mean()}
 
@@ -251,8 +255,9 @@ class VGFAgent(nn.Module):
         """argmax_i Q(s, x_i) over N reference particles moved by the flow under ``budget``.
 
         ``obs`` is ``[B, O]`` (or one ``[O]`` observation, giving ``[A]``); ``budget`` an int step count
-        or any `vgf_prob.budget.Budget` (default ``config.test_budget``). Heads are combined as in the TD
-        target. The critic receives no gradient.
+        or any `vgf_prob.budget.Budget` (default ``config.test_budget``). The flow's heads are combined by
+        ``config.flow_aggregation``, the choice's by ``config.target_aggregation`` (as in the TD target). The
+        critic receives no gradient.
         """
         obs, single = self._prepare_obs(obs)
         budget = as_budget(self.config.acting_budget if budget is None else budget)
@@ -262,7 +267,7 @@ class VGFAgent(nn.Module):
         else:
             policy, critic_fn = self.transport(obs, budget, generator)
             particles = policy.particles
-        scores = evaluate(critic_fn, obs, particles, self.config.head_aggregation)
+        scores = evaluate(critic_fn, obs, particles, self.config.target_aggregation)
         actions = gather_particles(particles, scores.argmax(-1))
         if not torch.isfinite(actions).all():
             raise ValueError("the chosen actions contain NaN or inf: the BC reference or the critic produced them")

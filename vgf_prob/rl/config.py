@@ -9,10 +9,12 @@ N = 10 particles and no gradient clipping, the amortised variant N = 5 and a glo
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 HEAD_AGGREGATIONS = ("min", "mean")
+LEGACY_HEAD_AGGREGATION = "head_aggregation"
 REFERENCES = ("flow_matching", "gaussian")
 VARIANTS = ("stein", "amortized")
 _HIDDEN_FIELDS = ("critic_hidden_dims", "bc_hidden_dims", "amortized_hidden_dims")
@@ -45,8 +47,12 @@ class VGFConfig:
     """Critic ensemble size H (2: the twin critic)."""
     critic_layer_norm_eps: float = 1e-6
     """LayerNorm epsilon of the critic (and of the amortised gradient network)."""
-    head_aggregation: str = "mean"
-    """How heads combine in the TD target and in acting: "min" (D4RL) or "mean" (most OGBench tasks)."""
+    flow_aggregation: str = "mean"
+    """How heads combine into the value whose action-gradient drives every flow (the authors' ``vgf_q_agg``:
+    "mean" in all their scripts)."""
+    target_aggregation: str = "mean"
+    """How heads combine in the TD target's values and in choosing the acted particle (the authors'
+    ``train_q_agg``): "min" on D4RL, per environment on OGBench."""
 
     # --- reference policy mu (behaviour cloning) ------------------------------------------------------
     reference: str = "flow_matching"
@@ -88,7 +94,8 @@ class VGFConfig:
     def __post_init__(self) -> None:
         for name in _HIDDEN_FIELDS:
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        _check_choice("head_aggregation", self.head_aggregation, HEAD_AGGREGATIONS)
+        _check_choice("flow_aggregation", self.flow_aggregation, HEAD_AGGREGATIONS)
+        _check_choice("target_aggregation", self.target_aggregation, HEAD_AGGREGATIONS)
         _check_choice("reference", self.reference, REFERENCES)
         _check_choice("variant", self.variant, VARIANTS)
         for name, value in _VARIANT_DEFAULTS[self.variant].items():
@@ -127,7 +134,24 @@ class VGFConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VGFConfig:
-        """Build a config from ``to_dict`` output (or any subset of fields); unknown keys raise ValueError."""
+        """Build a config from ``to_dict`` output (or any subset of fields); unknown keys raise ValueError.
+
+        A config saved before the two aggregations existed has one ``head_aggregation``. Its meaning then:
+        the TD target and the choice of the acted particle used it, and the flow always took the mean of
+        the heads. So it loads as ``target_aggregation`` with ``flow_aggregation = "mean"``: the same run.
+        """
+        data = dict(data)
+        if LEGACY_HEAD_AGGREGATION in data:
+            if "target_aggregation" in data:
+                raise ValueError("give target_aggregation or the old head_aggregation, not both")
+            warnings.warn(
+                "config field head_aggregation (saved before vgf-prob 0.2) is read as target_aggregation (TD "
+                "target and particle selection); the flow's heads were and stay combined by the mean",
+                UserWarning,
+                stacklevel=2,
+            )
+            data["target_aggregation"] = data.pop(LEGACY_HEAD_AGGREGATION)
+            data.setdefault("flow_aggregation", "mean")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -156,16 +180,39 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-# Settings of the authors' scripts (REFERENCE.md section 3). OGBench tasks use the amortised variant and
-# are matched by the dataset prefix (e.g. "cube-double-play" matches "cube-double-play-singletask-task2-v0");
-# D4RL tasks use the Stein variant with min-aggregated heads. Keys not given keep VGFConfig's defaults.
-_D4RL = {"variant": "stein", "head_aggregation": "min", "discount": 0.99}
+# Settings of the authors' scripts (ryanxhr/vgf; REFERENCE.md section 3). Keys not given keep VGFConfig's
+# defaults, which are the authors' get_config defaults (N 10, K 10 as every script sets, vgf_lr 0.1 is
+# overridden below where a script gives it). Matching is by prefix: "hopper" matches "hopper-medium-v2",
+# "cube-double-play" matches "cube-double-play-singletask-task2-v0".
+
+# D4RL, offline script: one shared setting for every task (Stein variant, L_train 5, vgf_lr 0.1,
+# vgf_alpha swept over {0.05, 0.1}: 0.1 here, 0.05 the listed alternative), train_q_agg min, vgf_q_agg mean.
+D4RL_ALPHA_ALTERNATIVES = (0.1, 0.05)
+_D4RL = {
+    "variant": "stein", "num_particles": 10, "flow_steps": 10, "train_budget": 5, "vgf_lr": 0.1,
+    "alpha": D4RL_ALPHA_ALTERNATIVES[0], "flow_aggregation": "mean", "target_aggregation": "min",
+    "discount": 0.99,
+}
 
 
-def _ogbench(train_budget: int, vgf_lr: float, discount: float, head_aggregation: str) -> dict[str, Any]:
-    return {"variant": "amortized", "train_budget": train_budget, "vgf_lr": vgf_lr, "discount": discount,
-            "head_aggregation": head_aggregation}
+def _ogbench_offline(discount: float, target_aggregation: str, **script: Any) -> dict[str, Any]:
+    """OGBench offline script (Stein variant): its per-environment blocks give discount and aggregation
+    only; L_train / vgf_lr / alpha are get_config's (1 / 0.1 / 1.0) unless the script sets them."""
+    return {"variant": "stein", "num_particles": 10, "flow_steps": 10, "train_budget": 1, "vgf_lr": 0.1,
+            "alpha": 1.0, "discount": discount, "flow_aggregation": "mean",
+            "target_aggregation": target_aggregation, **script}
 
+
+def _ogbench_offline_to_online(train_budget: int, vgf_lr: float, discount: float, target_aggregation: str) -> dict[str, Any]:
+    """OGBench offline-to-online script (amortised variant, N 5, K 10) per environment."""
+    return {"variant": "amortized", "num_particles": 5, "flow_steps": 10, "train_budget": train_budget,
+            "vgf_lr": vgf_lr, "discount": discount, "flow_aggregation": "mean",
+            "target_aggregation": target_aggregation}
+
+
+# The offline script sets puzzle-4x4 (task4) alone: L_train 3, vgf_lr swept over {0.01, 0.05} and alpha over
+# {0.2, 0.5}; the first value of each sweep is the preset, the others are listed alternatives.
+PUZZLE_4X4_SWEEP = {"vgf_lr": (0.01, 0.05), "alpha": (0.2, 0.5)}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # D4RL locomotion (-v2) and antmaze (-v2)
@@ -173,30 +220,53 @@ PRESETS: dict[str, dict[str, Any]] = {
     "halfcheetah": _D4RL,
     "walker2d": _D4RL,
     "antmaze": _D4RL,
-    # OGBench default tasks (offline-to-online scripts)
-    "antmaze-large-navigate": _ogbench(5, 0.1, 0.995, "min"),
-    "antmaze-giant-navigate": _ogbench(5, 0.1, 0.995, "min"),
-    "humanoidmaze-medium-navigate": _ogbench(1, 0.05, 0.995, "mean"),
-    "humanoidmaze-large-navigate": _ogbench(1, 0.05, 0.995, "mean"),
-    "antsoccer-arena-navigate": _ogbench(2, 0.05, 0.995, "mean"),
-    "cube-single-play": _ogbench(1, 0.05, 0.99, "mean"),
-    "cube-double-play": _ogbench(1, 0.05, 0.99, "mean"),
-    "scene-play": _ogbench(1, 0.1, 0.99, "mean"),
-    "puzzle-3x3-play": _ogbench(5, 0.1, 0.99, "mean"),
-    "puzzle-4x4-play": _ogbench(5, 0.1, 0.99, "mean"),
+    # OGBench, offline script: discount 0.995 for navigation, 0.99 for manipulation; min for antmaze
+    "antmaze-large-navigate": _ogbench_offline(0.995, "min"),
+    "antmaze-giant-navigate": _ogbench_offline(0.995, "min"),
+    "humanoidmaze-medium-navigate": _ogbench_offline(0.995, "mean"),
+    "humanoidmaze-large-navigate": _ogbench_offline(0.995, "mean"),
+    "antsoccer-arena-navigate": _ogbench_offline(0.995, "mean"),
+    "cube-single-play": _ogbench_offline(0.99, "mean"),
+    "cube-double-play": _ogbench_offline(0.99, "mean"),
+    "scene-play": _ogbench_offline(0.99, "mean"),
+    "puzzle-3x3-play": _ogbench_offline(0.99, "mean"),
+    "puzzle-4x4-play": _ogbench_offline(
+        0.99, "mean", train_budget=3, vgf_lr=PUZZLE_4X4_SWEEP["vgf_lr"][0], alpha=PUZZLE_4X4_SWEEP["alpha"][0]
+    ),
 }
 
+# The per-environment amortised table: the authors' offline-to-online script, not the offline one.
+OFFLINE_TO_ONLINE_PRESETS: dict[str, dict[str, Any]] = {
+    "antmaze-large": {**_D4RL, "alpha": 0.1},  # D4RL antmaze-large, 500k offline + 1M online
+    "antmaze-large-navigate": _ogbench_offline_to_online(5, 0.1, 0.995, "min"),
+    "antmaze-giant-navigate": _ogbench_offline_to_online(5, 0.1, 0.995, "min"),
+    "humanoidmaze-medium-navigate": _ogbench_offline_to_online(1, 0.05, 0.995, "mean"),
+    "humanoidmaze-large-navigate": _ogbench_offline_to_online(1, 0.05, 0.995, "mean"),
+    "antsoccer-arena-navigate": _ogbench_offline_to_online(2, 0.05, 0.995, "mean"),
+    "cube-single-play": _ogbench_offline_to_online(1, 0.05, 0.99, "mean"),
+    "cube-double-play": _ogbench_offline_to_online(1, 0.05, 0.99, "mean"),
+    "scene-play": _ogbench_offline_to_online(1, 0.1, 0.99, "mean"),
+    "puzzle-3x3-play": _ogbench_offline_to_online(5, 0.1, 0.99, "mean"),
+    "puzzle-4x4-play": _ogbench_offline_to_online(5, 0.1, 0.99, "mean"),
+}
+PRESET_SOURCES = {"offline": PRESETS, "offline-to-online": OFFLINE_TO_ONLINE_PRESETS}
 
-def preset(name: str, **overrides: Any) -> VGFConfig:
-    """The config for task ``name``: the longest `PRESETS` key that ``name`` starts with, then ``overrides``.
+
+def preset(name: str, source: str = "offline", **overrides: Any) -> VGFConfig:
+    """The config for task ``name``: the longest key of the ``source`` table that ``name`` starts with, then
+    ``overrides``. ``source`` is "offline" (`PRESETS`, the authors' offline scripts) or "offline-to-online"
+    (`OFFLINE_TO_ONLINE_PRESETS`, their offline-to-online scripts, the amortised variant on OGBench).
 
     ``preset("cube-double-play-singletask-task2-v0")`` gives the cube-double settings; D4RL names such as
     ``"hopper-medium-v2"`` or ``"antmaze-large-diverse-v2"`` match their family. Unknown names raise.
     """
-    matches = [key for key in PRESETS if name == key or name.startswith(key + "-")]
+    if source not in PRESET_SOURCES:
+        raise ValueError(f"preset source must be one of {tuple(PRESET_SOURCES)}, got {source!r}")
+    table = PRESET_SOURCES[source]
+    matches = [key for key in table if name == key or name.startswith(key + "-")]
     if not matches:
-        raise ValueError(f"no VGF preset for task {name!r}; known task families: {sorted(PRESETS)}")
-    return VGFConfig.from_dict({**PRESETS[max(matches, key=len)], **overrides})
+        raise ValueError(f"no VGF preset ({source}) for task {name!r}; known task families: {sorted(table)}")
+    return VGFConfig.from_dict({**table[max(matches, key=len)], **overrides})
 
 
-__all__ = ["HEAD_AGGREGATIONS", "PRESETS", "REFERENCES", "VARIANTS", "VGFConfig", "preset"]
+__all__ = ["HEAD_AGGREGATIONS", "OFFLINE_TO_ONLINE_PRESETS", "PRESETS", "PRESET_SOURCES", "REFERENCES", "VARIANTS", "VGFConfig", "preset"]
