@@ -2,11 +2,18 @@
 
 A run directory holds ``latest.pt`` and ``previous.pt`` (the checkpoint before it). `save_checkpoint`
 
-1. writes the payload to a temporary file in the same directory and fsyncs it,
-2. loads that file back (``torch.load(weights_only=True)``) and checks its format: a file that does not
+1. removes the temporary files that writers killed mid-save left behind (``.latest.pt.<pid>.tmp`` of a
+   process that no longer exists),
+2. writes the payload to a temporary file in the same directory and fsyncs it,
+3. loads that file back (``torch.load(weights_only=True)``) and checks its format: a file that does not
    read back raises `CheckpointError` and is deleted, so a broken file never replaces a good one,
-3. hard-links the current ``latest.pt`` to ``previous.pt`` (so a ``latest.pt`` exists at every instant),
-4. ``os.replace``-s the temporary file over ``latest.pt`` and fsyncs the directory.
+4. if the current ``latest.pt`` reads back, hard-links it to ``previous.pt`` (so a ``latest.pt`` exists at
+   every instant); if it does not (corrupted on disk after it was written), ``previous.pt`` stays as it is
+   and the unreadable file is kept aside as ``latest.pt.unreadable`` with a warning,
+5. ``os.replace``-s the temporary file over ``latest.pt`` and fsyncs the directory.
+
+`RunLock` makes one process the only writer of a run directory: an exclusive ``flock`` on
+``<run_dir>/.vgf-prob.lock`` that the kernel releases when the process ends, however it ends.
 
 The payload is a plain dict of tensors, numbers, strings, lists/tuples and dicts, so it loads with
 ``weights_only=True`` (no pickled code runs on load). `load_checkpoint` turns any read error (truncated
@@ -20,8 +27,12 @@ generator (when CUDA is available), numpy's and python's global generators, and 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import pickle
 import random
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,11 +44,74 @@ import torch
 FORMAT_VERSION = 1
 LATEST = "latest.pt"
 PREVIOUS = "previous.pt"
+UNREADABLE = "latest.pt.unreadable"
+LOCK_FILE = ".vgf-prob.lock"
+_TMP = re.compile(r"^\.(latest|previous)\.pt\.(\d+)\.tmp$")
 REQUIRED_KEYS = ("format_version", "step", "config", "agent", "rng")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, read, or does not fit the run that wants it."""
+
+
+class RunDirBusy(CheckpointError):
+    """Another live process holds the run directory's lock."""
+
+
+# ----------------------------------------------------------------------------------------------- lock
+class RunLock:
+    """Exclusive ownership of a run directory by this process, for as long as the lock is held.
+
+    ``acquire`` creates the directory if needed, opens ``<run_dir>/.vgf-prob.lock`` and takes a
+    non-blocking exclusive ``fcntl.flock`` on it, then writes this process's PID into it. The kernel drops
+    the lock when the descriptor closes, including when the process is killed, so a lock is never stale.
+    A second process gets `RunDirBusy` naming the holder's PID. Within one process the lock is
+    re-entrant: `train` takes it again when the CLI already holds it.
+    """
+
+    _held: dict[Path, tuple[int, int]] = {}  # resolved directory -> (descriptor, hold count) in this process
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+
+    def acquire(self) -> None:
+        key = self.run_dir.resolve()
+        if key in RunLock._held:
+            fd, count = RunLock._held[key]
+            RunLock._held[key] = (fd, count + 1)
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirBusy(
+                    f"{self.run_dir} is in use by another vgf-prob process (PID {holder}); wait for it to end "
+                    "or choose another output directory"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        RunLock._held[key] = (fd, 1)
+
+    def release(self) -> None:
+        key = self.run_dir.resolve()
+        fd, count = RunLock._held[key]
+        if count > 1:
+            RunLock._held[key] = (fd, count - 1)
+            return
+        del RunLock._held[key]
+        os.close(fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # ----------------------------------------------------------------------------------------------- RNG
@@ -110,6 +184,7 @@ def save_checkpoint(run_dir: str | os.PathLike, payload: Mapping[str, Any]) -> P
     if missing:
         raise CheckpointError(f"checkpoint payload lacks key(s) {missing}; required: {list(REQUIRED_KEYS)}")
     latest, previous = run_dir / LATEST, run_dir / PREVIOUS
+    remove_orphaned_tmp_files(run_dir)
     tmp = run_dir / f".{LATEST}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -118,7 +193,7 @@ def save_checkpoint(run_dir: str | os.PathLike, payload: Mapping[str, Any]) -> P
             os.fsync(f.fileno())
         load_checkpoint(tmp)  # verify: a file that does not read back must not replace anything
         if latest.exists():
-            _link_or_copy(latest, previous)
+            _rotate(latest, previous, run_dir / UNREADABLE)
         os.replace(tmp, latest)
     except CheckpointError as err:
         raise CheckpointError(
@@ -130,6 +205,47 @@ def save_checkpoint(run_dir: str | os.PathLike, payload: Mapping[str, Any]) -> P
         tmp.unlink(missing_ok=True)
     _fsync_dir(run_dir)
     return latest
+
+
+def _rotate(latest: Path, previous: Path, unreadable: Path) -> None:
+    """``latest`` becomes ``previous`` if it reads back; an unreadable one is moved aside instead."""
+    try:
+        load_checkpoint(latest)
+    except CheckpointError as err:
+        os.replace(latest, unreadable)
+        warnings.warn(
+            f"{err}; kept it as {unreadable} and left {previous.name} as it was (it is not replaced by an "
+            "unreadable file)",
+            stacklevel=3,
+        )
+        return
+    _link_or_copy(latest, previous)
+
+
+def remove_orphaned_tmp_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete ``.latest.pt.<pid>.tmp`` / ``.previous.pt.<pid>.tmp`` files whose writer process is gone.
+
+    A process killed while writing a checkpoint leaves its temporary file behind (checkpoint-sized).
+    Files of this process and of live processes are kept. Returns the removed paths.
+    """
+    removed = []
+    for path in Path(run_dir).iterdir():
+        match = _TMP.match(path.name)
+        if match is None or int(match.group(2)) == os.getpid() or _process_alive(int(match.group(2))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -169,10 +285,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError/... for broken files
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated, corrupt or not a vgf-prob checkpoint "
-            f"({type(err).__name__}: {err})"
-        ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {_describe_load_error(err)}") from err
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} is not a vgf-prob checkpoint (it holds a {type(payload).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -183,6 +296,29 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} has checkpoint format {payload['format_version']}, this vgf-prob reads format {FORMAT_VERSION}"
         )
     return payload
+
+
+def _describe_load_error(err: Exception) -> str:
+    """What went wrong reading a file, in one line, without torch's advice to load it unsafely.
+
+    torch's messages for refused pickles suggest ``weights_only=False``, which would run whatever code an
+    untrusted file holds; they are replaced here by what the failure means for a vgf-prob checkpoint.
+    """
+    if isinstance(err, pickle.UnpicklingError):
+        refused = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+        detail = f" ({refused[0]})" if refused else ""
+        return (
+            "it holds Python objects beyond tensors, numbers, strings and containers, which a safe load refuses"
+            f"{detail}; vgf-prob checkpoints never do, so the file is foreign or tampered with"
+        )
+    if isinstance(err, EOFError):
+        return "the file is empty or truncated"
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    if "zip archive" in text:
+        return "the file is truncated or corrupt (not a readable zip archive)"
+    if "weights_only" in text:
+        text = ""
+    return f"the file is truncated, corrupt or not a checkpoint ({type(err).__name__}{': ' + text if text else ''})"
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -210,8 +346,11 @@ def load_latest(run_dir: str | os.PathLike, map_location: str | torch.device = "
         return load_checkpoint(latest, map_location)
     except CheckpointError as err:
         if not previous.exists():
-            raise
-        payload = load_checkpoint(previous, map_location)
+            raise CheckpointError(f"{err}; and there is no {PREVIOUS} in {run_dir} to fall back on") from err
+        try:
+            payload = load_checkpoint(previous, map_location)
+        except CheckpointError as err_previous:
+            raise CheckpointError(f"no readable checkpoint in {run_dir}: {err}; {err_previous}") from err_previous
         warnings.warn(f"{err}; resuming from {previous} (step {payload['step']}) instead", stacklevel=2)
         return payload
 

@@ -16,6 +16,15 @@ generator seeded by ``(seed, step)`` and restores every global RNG afterwards, s
 changes training; the metric window and the byte length of each CSV log are checkpointed too, so a
 resumed run truncates rows written after its checkpoint and its logs equal an uninterrupted run's.
 
+One writer per run directory: the loop holds `vgf_prob.rl.checkpoint.RunLock` on ``out_dir`` from its
+first file operation to the summary, so a second process writing the same directory stops with an error
+naming the first one's PID. Before anything is written, everything that can fail early is checked: the
+numeric arguments, the device, the environment (it must exist and match the dataset's obs/action
+dimensions) and the run directory (see `check_run_dir`). A fresh run in a directory that holds logs but
+no checkpoint (a run killed before its first checkpoint) moves those files aside into ``stale-<time>/``.
+Log rows are appended with one ``write`` each and taken back on failure, so a crash or a full disk never
+leaves half a row; a partial row found past the checkpoint on resume is dropped with a warning.
+
 Fine-tuning and resume: an environment's internal state cannot be checkpointed in general, so an
 episode in progress at a checkpoint step is cut there (stored as a time-limit truncation: mask 1) and
 the next step starts a new episode seeded by the episode counter. The uninterrupted run does the same,
@@ -26,13 +35,17 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import math
+import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +55,15 @@ from torch import Tensor
 
 from vgf_prob.rl.checkpoint import (
     LATEST,
+    LOCK_FILE,
     PREVIOUS,
     CheckpointError,
+    RunLock,
     capture_rng_state,
     config_mismatch,
     load_checkpoint,
     load_latest,
+    remove_orphaned_tmp_files,
     restore_rng_state,
     save_checkpoint,
 )
@@ -59,6 +75,12 @@ EVAL_LOG = "eval.csv"
 EVAL_COLUMNS = ("step", "policy", "L_test", "score", "score_std", "mean_return", "return_std", "episodes", "score_kind")
 ONLINE_COLUMNS = ("online_episodes", "online_return", "online_success")
 PROGRESS_KEYS = ("critic_loss", "bc_loss", "q_mean")
+RUN_MARKERS = (LOCK_FILE, LATEST, PREVIOUS, TRAIN_LOG, EVAL_LOG)  # any of these: a vgf-prob run directory
+STALE_PREFIX = "stale-"
+
+
+class TrainingSetupError(ValueError):
+    """A run that cannot start as asked (arguments, device, environment, run directory); nothing was written."""
 
 
 @dataclass
@@ -113,7 +135,7 @@ def train(
     """
     return _run(
         config, dataset, env_name, Path(out_dir), total_steps, eval_every, eval_episodes, log_every,
-        checkpoint_every, resume, seed, torch.device(device), progress, tuple(eval_budgets), env_kwargs,
+        checkpoint_every, resume, seed, device, progress, tuple(eval_budgets), env_kwargs,
         online=None,
     )  # fmt: skip
 
@@ -151,7 +173,7 @@ def finetune(
     online = _Online(env_name, scale, shift, init_checkpoint)
     return _run(
         config, dataset, env_name, Path(out_dir), total_steps, eval_every, eval_episodes, log_every,
-        checkpoint_every, resume, seed, torch.device(device), progress, tuple(eval_budgets), env_kwargs,
+        checkpoint_every, resume, seed, device, progress, tuple(eval_budgets), env_kwargs,
         online=online,
     )  # fmt: skip
 
@@ -169,28 +191,59 @@ def _run(
     checkpoint_every: int,
     resume: bool,
     seed: int,
-    device: torch.device,
+    device: str | torch.device,
     progress: bool,
     eval_budgets: tuple[int, ...],
     env_kwargs: Mapping[str, Any] | None,
     online: _Online | None,
 ) -> TrainResult:
+    _check_positive(total_steps=total_steps, log_every=log_every, checkpoint_every=checkpoint_every,
+                    eval_episodes=eval_episodes)  # fmt: skip
+    if eval_every is not None:
+        _check_positive(eval_every=eval_every)
+    eval_every = total_steps if eval_every is None else eval_every
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TrainingSetupError(f"seed must be an int >= 0, got {seed!r}")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in eval_budgets):
+        raise TrainingSetupError(f"evaluation budgets (L_test) must be ints >= 0 flow steps, got {list(eval_budgets)}")
+    device = check_device(device)
+    check_run_dir(out_dir, resume)
+    env_kwargs = dict(env_kwargs) if env_kwargs is not None else _default_env_kwargs(dataset)
+    if env_name is not None:
+        check_env(env_name, dataset.obs_dim, dataset.action_dim, env_kwargs)
+    with RunLock(out_dir):
+        return _run_locked(
+            config, dataset, env_name, out_dir, total_steps, eval_every, eval_episodes, log_every,
+            checkpoint_every, resume, seed, device, progress, eval_budgets, env_kwargs, online,
+        )  # fmt: skip
+
+
+def _run_locked(
+    config: VGFConfig,
+    dataset: OfflineDataset,
+    env_name: str | None,
+    out_dir: Path,
+    total_steps: int,
+    eval_every: int,
+    eval_episodes: int,
+    log_every: int,
+    checkpoint_every: int,
+    resume: bool,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+    eval_budgets: tuple[int, ...],
+    env_kwargs: dict[str, Any],
+    online: _Online | None,
+) -> TrainResult:
+    """`_run` once the arguments are checked and this process holds ``out_dir``'s lock."""
     from tqdm.auto import tqdm
 
     from vgf_prob.rl.agent import VGFAgent
 
-    _check_positive(total_steps=total_steps, log_every=log_every, checkpoint_every=checkpoint_every,
-                    eval_episodes=eval_episodes)  # fmt: skip
-    eval_every = eval_every or total_steps
-    _check_positive(eval_every=eval_every)
-    if any(b < 0 for b in eval_budgets):
-        raise ValueError(f"eval_budgets must be >= 0 flow steps, got {eval_budgets}")
-    if not resume and ((out_dir / LATEST).exists() or (out_dir / PREVIOUS).exists()):
-        raise CheckpointError(
-            f"{out_dir} already holds a run ({LATEST}); pass resume=True (--resume) to continue it, "
-            "or choose another output directory"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(out_dir, resume)  # again under the lock: another process may have written in between
+    if not resume:
+        _set_aside_stale_logs(out_dir)
     started = time.perf_counter()
     phase = {"training": 0.0, "evaluation": 0.0, "checkpoints": 0.0, "online": 0.0}
 
@@ -206,9 +259,8 @@ def _run(
     run_info = {
         "env_name": env_name, "obs_dim": dataset.obs_dim, "action_dim": dataset.action_dim, "seed": seed,
         "mode": "offline" if online is None else "finetune", "dataset": fingerprint,
-        "dataset_metadata": _jsonable(dataset.metadata),
+        "dataset_metadata": _jsonable(dataset.metadata), "threads": torch.get_num_threads(),
     }  # fmt: skip
-    env_kwargs = dict(env_kwargs) if env_kwargs is not None else _default_env_kwargs(dataset)
 
     window = _MetricWindow()
     train_log = _CSVLog(out_dir / TRAIN_LOG)
@@ -217,6 +269,10 @@ def _run(
     if resume:
         payload = load_latest(out_dir)  # on the CPU: RNG states must stay there; weights are copied over
         _check_resumable(payload, config, run_info, out_dir)
+        if payload["step"] >= total_steps:
+            raise TrainingSetupError(
+                f"{out_dir} is already at step {payload['step']} >= total_steps={total_steps}; raise total_steps"
+            )
         agent.load_training_state(payload["agent"])
         if online is not None:
             dataset.append(payload["online"]["appended"])
@@ -228,8 +284,6 @@ def _run(
         start_step = payload["step"]
     elif online is not None and online.init_checkpoint is not None:
         _load_initial_agent(agent, online.init_checkpoint, config)
-    if start_step >= total_steps:
-        raise ValueError(f"{out_dir} is already at step {start_step} >= total_steps={total_steps}; raise total_steps")
     if online is not None:
         online.start(env_kwargs, seed)
     tensorboard = _tensorboard_writer(out_dir, purge_step=start_step + 1)
@@ -274,7 +328,8 @@ def _run(
                 eval_log.write({"step": step, **row})
                 if tensorboard is not None:
                     tensorboard.add_scalar(f"eval/{_label(row)}", row["score"], step)
-            bar.write(f"step {step}: " + ", ".join(f"{_label(r)} {r['score']:.1f}" for r in last_scores))
+            if step != total_steps:  # the final scores are the result's table
+                bar.write(f"step {step}: " + ", ".join(f"{_label(r)} {r['score']:.1f}" for r in last_scores))
             phase["evaluation"] += time.perf_counter() - t0
 
         if checkpoint_now:
@@ -345,7 +400,7 @@ def evaluate_policies(
         try:
             for name, budget, act_fn in policies:
                 result = evaluate(act_fn, env_name, num_episodes, seed, device=agent.device, envs=envs,
-                                  progress=progress)  # fmt: skip
+                                  progress=progress, label=_label({"policy": name, "L_test": budget}))  # fmt: skip
                 rows.append({
                     "policy": name, "L_test": budget, "score": result.score, "score_std": result.score_std,
                     "mean_return": result.mean_return, "return_std": result.std_return,
@@ -373,7 +428,9 @@ def format_scores(rows: Sequence[Mapping[str, Any]], title: str, print_table: bo
          "mean return": f"{r['mean_return']:.1f} ± {r['return_std']:.1f}", "episodes": r["episodes"]}
         for r in rows
     ]  # fmt: skip
-    return format_table(table_rows, title=title, print_table=print_table)
+    if print_table:  # a line of its own: a rich table title wraps (mid-word) at the table's width
+        print(title)
+    return f"{title}\n" + format_table(table_rows, print_table=print_table)
 
 
 def _label(row: Mapping[str, Any]) -> str:
@@ -485,45 +542,81 @@ def _load_initial_agent(agent: Any, path: str | Path, config: VGFConfig) -> None
     payload = load_checkpoint(resolve_checkpoint(path))
     diff = config_mismatch(payload["config"], config.to_dict())
     if diff:
-        raise CheckpointError(f"{path} was trained with another config:\n  " + "\n  ".join(diff))
+        raise CheckpointError(f"{path} was trained with another config: " + "; ".join(diff))
     agent.load_training_state(payload["agent"])
 
 
 # ============================================================================================ logging
 class _CSVLog:
-    """An append-only CSV file whose header is fixed by its first row (or given); resumable by byte offset."""
+    """An append-only CSV file whose header is fixed by its first row (or given); resumable by byte offset.
+
+    Each row (with the header, for the first) is one ``os.write`` on an ``O_APPEND`` descriptor; if the
+    write fails or comes up short (a full disk), the file is cut back to its previous size before the
+    error propagates, so the file only ever holds whole rows.
+    """
 
     def __init__(self, path: Path, columns: Sequence[str] | None = None) -> None:
         self.path = path
         self.columns = list(columns) if columns is not None else None
 
     def write(self, row: Mapping[str, Any]) -> None:
-        new_file = not self.path.exists() or self.path.stat().st_size == 0
+        size = self.path.stat().st_size if self.path.exists() else 0
         if self.columns is None:
-            self.columns = self._read_header() if not new_file else list(row)
+            self.columns = self._read_header() if size else list(row)
         unknown = sorted(set(row) - set(self.columns))
         if unknown:
             raise ValueError(f"{self.path}: row has columns {unknown} that the header {self.columns} lacks")
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, restval="")
-            if new_file:
-                writer.writeheader()
-            writer.writerow({k: _csv_cell(v) for k, v in row.items()})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, self.columns, restval="")
+        if not size:
+            writer.writeheader()
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
+        data = text.getvalue().encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])  # a full disk: a short write, then ENOSPC
+        except OSError as err:
+            os.ftruncate(fd, size)
+            raise OSError(err.errno, f"{err.strerror} (appending a row; the log keeps its complete rows)",
+                          str(self.path)) from err  # fmt: skip
+        finally:
+            os.close(fd)
 
     def position(self) -> int:
-        """Bytes written so far: what `truncate` returns the file to on resume."""
-        return self.path.stat().st_size if self.path.exists() else 0
+        """Bytes written so far, flushed to disk: what `truncate` returns the file to on resume."""
+        if not self.path.exists():
+            return 0
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # a checkpoint must never point past what the log has on disk
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def truncate(self, position: int) -> None:
-        """Drop what was written after ``position`` (rows of a killed run past its last checkpoint)."""
+        """Drop what was written after ``position`` (rows of a killed run past its last checkpoint).
+
+        A partial last row (a crash mid-write outside this class's control) is reported with a warning.
+        """
         if not self.path.exists():
             if position:
                 raise CheckpointError(f"{self.path} is missing but the checkpoint expects {position} bytes of log")
             return
-        size = self.path.stat().st_size
-        if size < position:
-            raise CheckpointError(f"{self.path} has {size} bytes but the checkpoint expects at least {position}")
         with self.path.open("r+b") as f:
+            content = f.read()
+            if len(content) < position:
+                raise CheckpointError(
+                    f"{self.path} has {len(content)} bytes but the checkpoint expects at least {position}"
+                )
+            if position and content[position - 1 : position] != b"\n":
+                raise CheckpointError(f"{self.path} does not match the checkpoint: byte {position} is not a row end")
+            tail = content[position:]
+            if tail and not tail.endswith(b"\n"):
+                partial = len(tail) - (tail.rfind(b"\n") + 1)
+                warnings.warn(f"{self.path}: dropped a partial last row ({partial} bytes) left by a crash",
+                              stacklevel=2)  # fmt: skip
             f.truncate(position)
 
     def _read_header(self) -> list[str]:
@@ -614,7 +707,119 @@ def _mix_seed(seed: int, step: int) -> int:
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise TrainingSetupError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a `torch.device`, or `TrainingSetupError` when it does not exist on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise TrainingSetupError(f"unknown device {str(device)!r}: {str(err).splitlines()[0]}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise TrainingSetupError(f"device {str(device)!r} requested but {why}; use --device cpu")
+    if dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as err:
+            raise TrainingSetupError(f"device {str(device)!r} is not usable here: {str(err).splitlines()[0]}") from err
+    return dev
+
+
+def check_env(env_name: str, obs_dim: int, action_dim: int, env_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Make ``env_name`` once and check that its observation and action sizes are the dataset's.
+
+    Raises `TrainingSetupError` for an unknown name, a missing environment package or other dimensions.
+    """
+    from vgf_prob.rl.evaluate import make_env
+
+    try:
+        env = make_env(env_name, **(env_kwargs or {}))
+    except (ValueError, ImportError) as err:
+        raise TrainingSetupError(f"cannot evaluate in {env_name!r}: {err}") from err
+    try:
+        obs_shape, action_shape = env.observation_space.shape, env.action_space.shape
+    finally:
+        env.close()
+    if obs_shape != (obs_dim,) or action_shape != (action_dim,):
+        raise TrainingSetupError(
+            f"environment {env_name!r} has observations of shape {obs_shape} and actions of shape {action_shape}, "
+            f"but the data has obs_dim {obs_dim} and action_dim {action_dim}; pass the environment of this data"
+        )
+
+
+def check_run_dir(out_dir: Path, resume: bool) -> None:
+    """Refuse a run directory that this run must not write into (`TrainingSetupError`/`CheckpointError`).
+
+    - not a directory, or not writable (checked on it, or on its nearest existing parent);
+    - held by another live process (`vgf_prob.rl.checkpoint.RunDirBusy`, naming its PID);
+    - ``resume=False``: it holds a checkpoint (resume it instead), or it is not empty and not a vgf-prob
+      run directory (none of `RUN_MARKERS` in it);
+    - ``resume=True``: it holds no checkpoint.
+
+    Creates nothing: the lock is only probed, when its file exists.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingSetupError(f"run directory {out_dir} is a file, not a directory")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise TrainingSetupError(f"cannot create run directory {out_dir}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == out_dir else f" (its parent {existing} is not writable)"
+        raise TrainingSetupError(f"run directory {out_dir} is not writable{where}")
+    if existing != out_dir:  # a new directory: nothing else to check
+        if resume:
+            raise CheckpointError(f"nothing to resume: {out_dir} does not exist")
+        return
+    if (out_dir / LOCK_FILE).exists():
+        RunLock(out_dir).acquire()  # raises RunDirBusy while another process holds it
+        RunLock(out_dir).release()
+    names = sorted(p.name for p in out_dir.iterdir())
+    has_checkpoint = LATEST in names or PREVIOUS in names
+    if resume:
+        if not has_checkpoint:
+            raise CheckpointError(f"nothing to resume: no {LATEST} or {PREVIOUS} in {out_dir}")
+        return
+    if has_checkpoint:
+        raise CheckpointError(
+            f"{out_dir} already holds a run ({LATEST}); pass resume=True (--resume) to continue it, "
+            "or choose another output directory"
+        )
+    if names and not set(names) & set(RUN_MARKERS):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise TrainingSetupError(
+            f"{out_dir} is not empty and is not a vgf-prob run directory (it holds {shown}); choose a new or empty "
+            "directory"
+        )
+
+
+def _set_aside_stale_logs(out_dir: Path) -> Path | None:
+    """Move the files of a run killed before its first checkpoint into ``out_dir/stale-<time>/``.
+
+    Called for a fresh run once `check_run_dir` has ruled out a checkpoint; the lock file, earlier
+    ``stale-*`` folders and dead writers' temporary files (deleted) are not moved. Returns the folder.
+    """
+    remove_orphaned_tmp_files(out_dir)
+    entries = [p for p in out_dir.iterdir() if p.name != LOCK_FILE and not p.name.startswith(STALE_PREFIX)]
+    if not entries:
+        return None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = out_dir / f"{STALE_PREFIX}{stamp}"
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = out_dir / f"{STALE_PREFIX}{stamp}-{suffix}"
+    aside.mkdir()
+    for entry in entries:
+        os.replace(entry, aside / entry.name)
+    warnings.warn(
+        f"{out_dir} held logs but no checkpoint (a run that ended before its first checkpoint); moved "
+        f"{', '.join(sorted(p.name for p in entries))} to {aside} and starting afresh",
+        stacklevel=3,
+    )
+    return aside
 
 
 def _fingerprint(dataset: OfflineDataset) -> dict[str, Any]:
@@ -637,9 +842,9 @@ def _check_resumable(payload: Mapping[str, Any], config: VGFConfig, run_info: Ma
         problems.append(f"dataset: checkpoint {saved.get('dataset')}, requested {run_info['dataset']}")
     if problems:
         raise CheckpointError(
-            f"cannot resume {out_dir} (step {payload['step']}): the run differs from the checkpoint's:\n  "
-            + "\n  ".join(problems)
-            + "\nuse the original settings, or start a new run in another directory"
+            f"cannot resume {out_dir} (step {payload['step']}): the run differs from the checkpoint's: "
+            + "; ".join(problems)
+            + "; use the original settings, or start a new run in another directory"
         )
 
 
@@ -659,4 +864,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["TrainResult", "evaluate_policies", "finetune", "format_scores", "preserved_rng", "train"]
+__all__ = [
+    "TrainResult",
+    "TrainingSetupError",
+    "check_device",
+    "check_env",
+    "check_run_dir",
+    "evaluate_policies",
+    "finetune",
+    "format_scores",
+    "preserved_rng",
+    "train",
+]
