@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from pyro.distributions import Empirical
+from pyro.distributions import Empirical, constraints
 from torch import Tensor
 from torch.distributions import Distribution
 
@@ -31,11 +32,18 @@ class TransportReport:
     budget_spent: dict[str, Tensor] = field(default_factory=dict)
 
     def reshape(self, batch_shape: torch.Size) -> TransportReport:
+        return self._map(lambda t: t.reshape(batch_shape))
+
+    def expand(self, batch_shape: torch.Size) -> TransportReport:
+        """The same report for a policy expanded to ``batch_shape`` (states repeated, nothing recomputed)."""
+        return self._map(lambda t: t.expand(batch_shape))
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> TransportReport:
         return TransportReport(
-            steps=self.steps.reshape(batch_shape),
-            displacement=self.displacement.reshape(batch_shape),
-            exhausted=self.exhausted.reshape(batch_shape),
-            budget_spent={k: v.reshape(batch_shape) for k, v in self.budget_spent.items()},
+            steps=fn(self.steps),
+            displacement=fn(self.displacement),
+            exhausted=fn(self.exhausted),
+            budget_spent={k: fn(v) for k, v in self.budget_spent.items()},
         )
 
 
@@ -60,10 +68,16 @@ def _default_validation(enabled: bool) -> Iterator[None]:
 class ParticlePolicy(Empirical):
     """pi(a | s) = sum_i w_i delta(a - x_i): particles [*B, N, A] with log-weights [*B, N] (pyro Empirical).
 
+    ``log_prob(value)`` takes pyro's layout ``sample_shape + batch_shape + (A,)`` and returns
+    log sum_{i: x_i = value} w_i / sum_j w_j (-inf off the cloud). ``enumerate_support`` lists each state's
+    particles, ``[N, *B, A]`` (the values differ by state, so ``expand=False`` cannot collapse the batch
+    dims to 1); it needs distinct particles within a state, so that the enumerated masses sum to 1.
     ``select`` turns the cloud into one action per state: ``argmax`` of a value over particles (how VGF
     acts), ``softmax`` sampling with probabilities ∝ exp(Q / temperature), or ``uniform`` sampling.
     ``reference_particles`` is the cloud the flow started from and ``report`` what the flow spent.
     """
+
+    support = constraints.independent(constraints.real, 1)
 
     def __init__(
         self,
@@ -99,6 +113,14 @@ class ParticlePolicy(Empirical):
     def num_particles(self) -> int:
         return self._samples.shape[-2]
 
+    @classmethod
+    def infer_shapes(cls, particles: torch.Size, log_weights: torch.Size | None = None):
+        """``(batch_shape, event_shape)`` of ``ParticlePolicy(particles, log_weights)``: ``[*B, N, A]`` gives
+        ``(B, (A,))``."""
+        if len(particles) < 2:
+            raise ValueError(f"particles must have shape [*batch, N, A]; got {tuple(particles)}")
+        return torch.Size(particles[:-2]), torch.Size(particles[-1:])
+
     def expand(self, batch_shape: torch.Size, _instance=None) -> ParticlePolicy:
         batch_shape = torch.Size(batch_shape)
         particles = self._samples.expand(batch_shape + self._samples.shape[-2:])
@@ -107,7 +129,29 @@ class ParticlePolicy(Empirical):
             if self.reference_particles is None
             else self.reference_particles.expand(batch_shape + self._samples.shape[-2:])
         )
-        return ParticlePolicy(particles, self._log_weights.expand(batch_shape + self._log_weights.shape[-1:]), reference)
+        report = None if self.report is None else self.report.expand(batch_shape)
+        return ParticlePolicy(particles, self._log_weights.expand(batch_shape + self._log_weights.shape[-1:]),
+                              reference, report, validate_args=self._validate_args)
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+        return super().sample(torch.Size(sample_shape))
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """log pi(value) for ``value [..., *B, A]``: the normalised weight of the particles equal to it."""
+        if self._validate_args:
+            self._validate_sample(value)
+        matches = (value.unsqueeze(-2) == self._samples).all(-1)
+        log_weights = torch.log_softmax(self._log_weights, dim=-1)
+        return torch.where(matches, log_weights, torch.full_like(log_weights, -math.inf)).logsumexp(-1)
+
+    def enumerate_support(self, expand: bool = True) -> Tensor:
+        """Each state's particles ``[N, *B, A]`` (the same with ``expand=False``: see the class docstring)."""
+        particles = self._samples
+        same = (particles.unsqueeze(-2) == particles.unsqueeze(-3)).all(-1)
+        if (same.sum(-1) > 1).any():
+            raise ValueError("enumerate_support needs distinct particles within each state (some repeat): "
+                             "repeated particles would be enumerated, and counted, more than once")
+        return particles.movedim(-2, 0)
 
     def select(
         self,
