@@ -30,6 +30,12 @@ class DiagonalNormal(Independent, TorchDistribution):
         self.action_high = action_high
         super().__init__(Normal(loc, scale, validate_args=validate_args), 1, validate_args=validate_args)
 
+    @classmethod
+    def infer_shapes(cls, loc: torch.Size, scale: torch.Size, action_low=None, action_high=None):
+        """``(batch_shape, event_shape)`` of ``DiagonalNormal(loc, scale)``: the last dimension is the event."""
+        shape = torch.broadcast_shapes(loc, scale)
+        return shape[:-1], shape[-1:]
+
     def expand(self, batch_shape: torch.Size, _instance: "DiagonalNormal | None" = None) -> "DiagonalNormal":
         new = self._get_checked_instance(DiagonalNormal, _instance)
         new.action_low = self.action_low

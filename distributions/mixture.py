@@ -3,7 +3,7 @@
 from collections.abc import Sequence
 
 import torch
-from pyro.distributions import Categorical, Independent, MixtureSameFamily, Normal, TorchDistribution
+from pyro.distributions import Categorical, Independent, MixtureSameFamily, Normal, TorchDistribution, constraints
 from torch import Tensor, nn
 
 from .networks import check_obs
@@ -12,8 +12,16 @@ from .networks import check_obs
 class GaussianMixture(MixtureSameFamily, TorchDistribution):
     """p(a) = sum_k w_k N(a; m_k, diag(s_k^2)) (pyro ``MixtureSameFamily`` of ``Independent(Normal)``).
 
-    Adds ``sample_particles``: ``[*B, N, A]`` draws (component, then Gaussian noise) from ``generator``.
+    Adds ``sample_particles``: ``[*B, N, A]`` draws (component, then Gaussian noise) from ``generator``. The
+    support is declared ``real_vector`` (the components' support), so that pyro's autoguides can bijectively
+    map it.
     """
+
+    support = constraints.real_vector
+
+    @classmethod
+    def infer_shapes(cls, **arg_shapes):
+        raise NotImplementedError("a mixture's arguments are distributions, not tensors: use .batch_shape / .event_shape")
 
     def sample_particles(self, num_particles: int, generator: torch.Generator | None = None) -> Tensor:
         components = self.component_distribution.base_dist
