@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -159,6 +162,132 @@ def test_operators_chain_and_with_budget_swaps_only_the_budget():
     assert flow.with_budget(3).field is flow.field and flow.with_budget(3).budget.steps == 3
 
 
+def test_whole_float_budgets_are_step_counts_like_step_budget():
+    x0 = torch.randn(2, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.05))
+    assert torch.equal(flow.with_budget(3.0)(x0, None, quadratic_value).particles,
+                       flow.with_budget(3)(x0, None, quadratic_value).particles)
+    assert flow.with_budget(np.int64(2)).budget.steps == 2
+    per_state = flow.with_budget(torch.tensor([0, 2]))(x0, None, quadratic_value)
+    assert per_state.report.steps.tolist() == [0, 2]
+    with pytest.raises(ValueError, match="whole"):
+        flow.with_budget(2.5)
+    with pytest.raises(TypeError, match="step count"):
+        flow.with_budget(True)
+
+
+def test_box_from_numpy_bounds_clips_per_dimension_and_moves_its_bounds_once():
+    box = vgf.BoxProjection(np.array([-2.0, 0.0]), np.array([2.0, 0.5]))  # as env.action_space.low / high
+    x = torch.tensor([[[-3.0, 0.7], [1.0, -0.2]]])
+    assert torch.equal(box(x), torch.tensor([[[-2.0, 0.5], [1.0, 0.0]]]))
+    assert box(x).dtype == torch.float32
+    low, _ = box._bounds(x)
+    assert low is box._bounds(x + 1)[0] and low.dtype == torch.float32
+    assert box._bounds(x.double())[0].dtype == torch.float64
+    mixed = vgf.BoxProjection(-1, torch.tensor([1.0, 0.5]))
+    assert torch.equal(mixed(torch.full((1, 1, 2), 5.0)), torch.tensor([[[1.0, 0.5]]]))
+
+
+@pytest.mark.parametrize("budget", [0, vgf.StepBudget(torch.tensor([0, 4, 0])), vgf.DisplacementBudget(0.0) & vgf.StepBudget(4)])
+def test_starting_particles_are_projected_so_every_result_is_in_the_box(budget):
+    # reference draws far outside the box; states whose budget is 0 never move, yet must come back inside it
+    x0 = 3.0 * torch.randn(3, 50, 2, generator=torch.Generator().manual_seed(10))
+    box = vgf.BoxProjection(np.array([-1.0, -0.5]), np.array([1.0, 0.5]))
+    flow = vgf.ValueGradientFlow(vgf.SteinField(0.5), vgf.ParticleAdam(0.1), budget=budget, projection=box)
+    policy = flow(x0, None, quadratic_value)
+    low, high = torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 0.5])
+    assert (policy.particles >= low).all() and (policy.particles <= high).all()
+    assert (x0 < low).any()  # the test would see an unprojected start
+    assert (flow.act(x0, None, quadratic_value) >= low).all()
+    assert torch.equal(policy.reference_particles, box(x0))
+
+
+def test_float64_observations_meet_float32_particles():
+    critic = LinearCritic(3, 2)
+    obs = torch.randn(4, 3, dtype=torch.float64)
+    x0 = torch.rand(4, 5, 2) * 2 - 1
+    policy = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.1), budget=2)(x0, obs, critic)
+    reference_run = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.1), budget=2)(x0, obs.float(), critic)
+    assert policy.particles.dtype == torch.float32
+    assert torch.equal(policy.particles, reference_run.particles)
+
+
+def test_a_value_detached_from_the_actions_warns_once_per_flow():
+    def detached(obs, actions):
+        return -(actions.detach() - 0.3).square().sum(-1) * torch.ones((), requires_grad=True)
+
+    def under_no_grad(obs, actions):
+        with torch.no_grad():
+            return quadratic_value(obs, actions)
+
+    x0 = torch.zeros(2, 3, 2)
+    flow = vgf.ValueGradientFlow(vgf.SteinField(1.0), vgf.Euler(0.1), budget=3)
+    for value in (detached, under_no_grad):
+        with pytest.warns(vgf.NoActionGradientWarning, match="no gradient to the actions") as record:
+            flow(x0, None, value)
+        assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vgf.NoActionGradientWarning)
+        flow(x0, None, quadratic_value)
+        flow(x0, torch.zeros(2, 1), LinearCritic(1, 2))
+
+
+def two_head_value(obs, actions):
+    """Head 1 peaks at +0.5, head 2 at -0.5 with a steeper fall: mean and min prefer different particles."""
+    h1 = -(actions - 0.5).square().sum(-1)
+    h2 = -3.0 * (actions + 0.5).square().sum(-1) + 0.2
+    return torch.stack([h1, h2], -1)
+
+
+def test_act_flows_on_mean_heads_and_chooses_by_the_target_aggregation():
+    x0 = torch.linspace(-1, 1, 9).reshape(1, 9, 1).expand(2, 9, 1).contiguous()
+    for target in ("min", "mean"):
+        flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.05), budget=2, target_aggregation=target)
+        # the flow alone, on the mean of the heads written out
+        moved = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.05), budget=2)(
+            x0, None, lambda o, a: two_head_value(o, a).mean(-1)).particles
+        heads = two_head_value(None, moved)
+        scores = heads.amin(-1) if target == "min" else heads.mean(-1)
+        expected = moved[torch.arange(2), scores.argmax(-1)]
+        assert torch.equal(flow.act(x0, None, two_head_value), expected)
+    chosen = {t: vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.05), budget=0, target_aggregation=t).act(
+        x0, None, two_head_value)[0, 0].item() for t in ("min", "mean")}
+    assert chosen["min"] != chosen["mean"]  # the test can tell the two aggregations apart
+
+
+def test_act_takes_a_budget_per_call_and_other_rules():
+    x0 = torch.randn(3, 6, 2, generator=torch.Generator().manual_seed(11))
+    flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.1), budget=1)
+    assert torch.equal(flow.act(x0, None, quadratic_value, budget=4), flow.with_budget(4).act(x0, None, quadratic_value))
+    assert not torch.equal(flow.act(x0, None, quadratic_value, budget=4), flow.act(x0, None, quadratic_value))
+    moved = flow(x0, None, quadratic_value).particles
+    for rule in ("softmax", "uniform"):
+        action = flow.act(x0, None, quadratic_value, rule=rule, generator=torch.Generator().manual_seed(0))
+        assert action.shape == (3, 2)
+        assert all(any(torch.equal(action[b], p) for p in moved[b]) for b in range(3))
+
+
+def test_next_value_moves_by_the_online_value_and_scores_by_the_target_value():
+    x0 = torch.randn(4, 7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+
+    def target_value(obs, actions):
+        return torch.stack([actions.sum(-1), -actions.square().sum(-1)], -1)
+
+    flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.1), budget=3)
+    moved = x0.clone()
+    for _ in range(3):  # Euler on grad Q by hand: grad of -(a - m)^T H (a - m) / 2 is -H (a - m)
+        moved = moved - 0.1 * (moved - MEAN) @ HESSIAN
+    by_hand = target_value(None, moved)
+    assert torch.allclose(flow.next_value(x0, None, quadratic_value, target_value), by_hand.amin(-1).mean(-1))
+    assert torch.allclose(flow.next_value(x0, None, quadratic_value, target_value, reduction="max"),
+                          by_hand.amin(-1).amax(-1))
+    mean_heads = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.1), budget=3, target_aggregation="mean")
+    assert torch.allclose(mean_heads.next_value(x0, None, quadratic_value, target_value), by_hand.mean(-1).mean(-1))
+    at_zero = flow.next_value(x0, None, quadratic_value, target_value, budget=0)
+    assert torch.allclose(at_zero, target_value(None, x0).amin(-1).mean(-1))
+    assert not flow.next_value(x0, None, quadratic_value, target_value).requires_grad
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_path_matches_cpu():
     torch.manual_seed(6)
@@ -186,22 +315,6 @@ def test_stein_field_matches_its_textbook_formula():
     assert torch.allclose(phi, expected)
 
 
-def test_differentiable_bandwidth_matches_brute_force_autodiff():
-    torch.manual_seed(8)
-    x = torch.randn(2, 7, 2, dtype=torch.float64)
-    score_free = lambda o, a: torch.zeros(a.shape[:-1], dtype=a.dtype)  # noqa: E731
-    phi = vgf.SteinField(1.0, differentiate_bandwidth=True)(None, x, score_free)
-    leaf = x.clone().requires_grad_(True)
-    d2_full = (leaf[:, :, None] - leaf[:, None]).square().sum(-1)
-    s2 = torch.quantile(d2_full.flatten(-2), 0.5, dim=-1) / (2 * torch.log(torch.tensor(8.0)))
-    cross = (leaf[:, :, None] - x[:, None]).square().sum(-1)
-    total = torch.exp(-cross / (2 * s2[:, None, None] + 1e-6)).sum()
-    (grad,) = torch.autograd.grad(total, leaf)
-    assert torch.allclose(phi, -grad / 7)
-    textbook = vgf.SteinField(1.0)(None, x, score_free)
-    assert not torch.allclose(phi, textbook)
-
-
 def test_kernel_helpers():
     x = torch.randn(3, 5, 2, dtype=torch.float64)
     d2 = pairwise_sq_distances(x)
@@ -217,8 +330,54 @@ class TestBadInput:
             vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler())(torch.zeros(4, 3, 2), torch.zeros(5, 3), quadratic_value)
 
     def test_value_with_wrong_output_shape(self):
-        with pytest.raises(ValueError, match="broadcast_observations"):
+        with pytest.raises(ValueError, match=r"returned shape \(\) .*vgf.as_value"):
             vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler())(torch.zeros(4, 3, 2), None, lambda o, a: a.sum())
+
+    def test_a_value_that_raises_is_reraised_with_the_shapes_passed_and_the_adapter(self):
+        def rows_critic(obs, actions):  # written for matched rows, as CORL/CleanRL critics are
+            return torch.cat([obs, actions], 1).sum(1)
+
+        flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler())
+        with pytest.raises(RuntimeError, match=r"obs \[4, 3\] and actions \[4, 5, 2\].*vgf.as_value") as info:
+            flow(torch.zeros(4, 5, 2), torch.zeros(4, 3), rows_critic)
+        assert "\n" not in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+
+    def test_empty_batch(self):
+        flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler())
+        with pytest.raises(ValueError, match="empty batch"):
+            flow(lambda o: torch.distributions.Normal(torch.zeros(0, 2), 1.0), torch.zeros(0, 3), quadratic_value,
+                 num_particles=4)
+        with pytest.raises(ValueError, match="empty batch"):
+            flow(torch.zeros(0, 4, 2), None, quadratic_value)
+
+    def test_obs_on_another_device_than_the_particles(self):
+        with pytest.raises(ValueError, match="obs are on meta but the particles on cpu"):
+            vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler())(
+                torch.zeros(2, 3, 2), torch.zeros(2, 4, device="meta"), quadratic_value
+            )
+
+    def test_numpy_obs_are_refused_by_name(self):
+        with pytest.raises(TypeError, match="torch.as_tensor"):
+            vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler())(torch.zeros(2, 3, 2), np.zeros((2, 4)), quadratic_value)
+
+    def test_bad_box_bounds(self):
+        with pytest.raises(ValueError, match="low < high"):
+            vgf.BoxProjection(np.array([-1.0, 2.0]), np.array([1.0, 1.0]))
+        with pytest.raises(ValueError, match="low < high"):
+            vgf.BoxProjection(float("nan"), 1.0)
+        with pytest.raises(ValueError, match="broadcast"):
+            vgf.BoxProjection(np.zeros(2), np.ones(3))
+        with pytest.raises(TypeError, match="number, a numpy array or a tensor"):
+            vgf.BoxProjection("-1", 1)
+
+    def test_unknown_selection_rule_and_reduction(self):
+        flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler())
+        with pytest.raises(ValueError, match="selection rule 'best'"):
+            flow.act(torch.zeros(1, 2, 2), None, quadratic_value, rule="best")
+        with pytest.raises(ValueError, match="particle reduction 'sum'"):
+            flow.next_value(torch.zeros(1, 2, 2), None, quadratic_value, quadratic_value, reduction="sum")
+        with pytest.raises(ValueError, match="target_aggregation 'max'"):
+            vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(), target_aggregation="max")
 
     def test_nan_particles(self):
         x0 = torch.zeros(2, 3, 2)

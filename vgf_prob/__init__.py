@@ -12,7 +12,9 @@ _EXPORTS = {
         "ValueGradient",
     ),
     "vgf_prob.transport": ("BoxProjection", "ValueGradientFlow"),
-    "vgf_prob.values": ("HeadAggregation", "broadcast_observations"),
+    "vgf_prob.values": (
+        "CriticValue", "HeadAggregation", "NoActionGradientWarning", "as_value", "broadcast_observations", "evaluate",
+    ),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -29,7 +31,14 @@ if TYPE_CHECKING:
         ValueGradient,
     )
     from vgf_prob.transport import BoxProjection, ValueGradientFlow
-    from vgf_prob.values import HeadAggregation, broadcast_observations
+    from vgf_prob.values import (
+        CriticValue,
+        HeadAggregation,
+        NoActionGradientWarning,
+        as_value,
+        broadcast_observations,
+        evaluate,
+    )
 
 
 def __getattr__(name: str):
@@ -55,10 +64,12 @@ __all__ = [
     "AmortizedGradient",
     "BoxProjection",
     "Budget",
+    "CriticValue",
     "DisplacementBudget",
     "Euler",
     "HeadAggregation",
     "KernelSmoothedGradient",
+    "NoActionGradientWarning",
     "ODESolver",
     "ParticleAdam",
     "ParticlePolicy",
@@ -68,5 +79,7 @@ __all__ = [
     "TransportReport",
     "ValueGradient",
     "ValueGradientFlow",
+    "as_value",
     "broadcast_observations",
+    "evaluate",
 ]

@@ -16,6 +16,7 @@ test time (``ValueGradientFlow.with_budget``). Budgets combine with ``&``: all m
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 
 import torch
@@ -94,8 +95,14 @@ class StepBudget(Budget):
     name = "steps"
 
     def __init__(self, steps: Limit) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, (numbers.Real, Tensor)):
+            raise TypeError(f"StepBudget steps must be a whole number or a tensor of them, got {type(steps).__name__}")
         _check_limit("StepBudget steps", steps)
-        if isinstance(steps, float) and not steps.is_integer():
+        if isinstance(steps, Tensor):
+            whole = not steps.is_floating_point() or bool((steps == steps.round()).all())
+        else:
+            whole = float(steps).is_integer()
+        if not whole:
             raise ValueError(f"StepBudget steps must be a whole number, got {steps}")
         self.steps = steps
 
@@ -232,12 +239,18 @@ class AllOf(Budget):
         return " & ".join(repr(b) for b in self.budgets)
 
 
-def as_budget(budget: Budget | int) -> Budget:
-    """An int is read as a step count (``StepBudget``); a Budget passes through."""
+def as_budget(budget: Budget | int | float | Tensor) -> Budget:
+    """A Budget passes through; a step count is read as ``StepBudget``: a whole number (``3`` or ``3.0``, as
+    ``StepBudget`` itself takes them) or a tensor of per-state counts shaped like the batch."""
     if isinstance(budget, Budget):
         return budget
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise TypeError(f"a budget must be a Budget or an int step count, got {type(budget).__name__}")
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, Tensor)):
+        raise TypeError(f"a budget must be a Budget or an int step count (3.0 counts as 3), got {type(budget).__name__}")
+    if isinstance(budget, numbers.Real) and not float(budget).is_integer():
+        raise ValueError(
+            f"a number as a budget is a step count and must be whole, got {budget}; a distance budget is "
+            "DisplacementBudget(r) or SinkhornBudget(r)"
+        )
     return StepBudget(budget)
 
 

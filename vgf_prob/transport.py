@@ -12,32 +12,60 @@ scaling without retraining).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from vgf_prob.budget import Budget, StepBudget, as_budget, displacement, unlimited_steps_error
-from vgf_prob.distributions.particle import ParticlePolicy, TransportReport
+from vgf_prob.distributions.particle import SELECTION_RULES, ParticlePolicy, TransportReport
 from vgf_prob.flows.fields import VelocityField
 from vgf_prob.flows.solvers import SolveResult
-from vgf_prob.values import HeadAggregation, ValueCallable
+from vgf_prob.values import AGGREGATIONS, HeadAggregation, ValueCallable, evaluate
 
 Reference = Callable[[Tensor], Distribution] | Distribution | Tensor | ParticlePolicy
 
 
-@dataclass(frozen=True)
 class BoxProjection:
-    """Clip particles to the box [low, high] (the action space); ``BoxProjection(-1, 1)`` for normalised actions."""
+    """Clip particles to the box [low, high] (the action space), elementwise: x <- min(max(x, low), high).
 
-    low: float | Tensor = -1.0
-    high: float | Tensor = 1.0
+    ``low`` and ``high`` are Python numbers, numpy arrays or tensors (scalars or one bound per action
+    dimension, e.g. ``BoxProjection(env.action_space.low, env.action_space.high)``). Two numbers stay numbers
+    (no host-to-device copy); arrays and tensors are moved to the particles' device and dtype once and kept.
+    ``BoxProjection(-1, 1)`` is the box of normalised actions.
+    """
 
-    def __post_init__(self) -> None:
-        if torch.any(torch.as_tensor(self.low) >= torch.as_tensor(self.high)):
-            raise ValueError(f"BoxProjection needs low < high, got low={self.low}, high={self.high}")
+    def __init__(self, low: float | Tensor | np.ndarray = -1.0, high: float | Tensor | np.ndarray = 1.0) -> None:
+        bounds = []
+        for name, bound in (("low", low), ("high", high)):
+            if isinstance(bound, bool) or not isinstance(bound, (numbers.Real, Tensor, np.ndarray)):
+                raise TypeError(f"BoxProjection {name} must be a number, a numpy array or a tensor, got {type(bound).__name__}")
+            if isinstance(bound, numbers.Real):
+                bounds.append(float(bound))
+                continue
+            tensor = torch.as_tensor(bound)
+            if tensor.dtype == torch.bool or tensor.is_complex():
+                raise TypeError(f"BoxProjection {name} must hold real numbers, got dtype {tensor.dtype}")
+            bounds.append(tensor.detach())
+        lows, highs = (torch.as_tensor(b, dtype=torch.float64, device="cpu") if isinstance(b, float)
+                       else b.to(device="cpu", dtype=torch.float64) for b in bounds)
+        try:
+            ordered = bool((lows < highs).all())
+        except RuntimeError:
+            raise ValueError(
+                f"BoxProjection low {list(lows.shape)} and high {list(highs.shape)} do not broadcast together"
+            ) from None
+        if torch.isnan(lows).any() or torch.isnan(highs).any() or not ordered:
+            raise ValueError(f"BoxProjection needs low < high everywhere, got low={low}, high={high}")
+        self.low, self.high = bounds
+        self._moved: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return f"BoxProjection(low={self.low}, high={self.high})"
 
     def __call__(self, x: Tensor) -> Tensor:
         low, high = self._bounds(x)
@@ -48,12 +76,17 @@ class BoxProjection:
         return ((x >= high) & (velocity > 0)) | ((x <= low) & (velocity < 0))
 
     def _bounds(self, x: Tensor) -> tuple[float | Tensor, float | Tensor]:
-        """The bounds as ``x`` needs them: two Python numbers stay numbers (no host-to-device copy); otherwise
-        both become tensors on x's device and dtype (a number by a fill, not a copy)."""
-        if not isinstance(self.low, Tensor) and not isinstance(self.high, Tensor):
+        """The bounds as ``x`` needs them: two Python numbers stay numbers; otherwise both as tensors on x's
+        device and dtype, moved on first use and kept (a number is written by a fill, not a copy)."""
+        if isinstance(self.low, float) and isinstance(self.high, float):
             return self.low, self.high
-        return tuple(b.to(dtype=x.dtype, device=x.device) if isinstance(b, Tensor)
-                     else torch.full((), b, dtype=x.dtype, device=x.device) for b in (self.low, self.high))
+        key = (x.device, x.dtype)
+        moved = self._moved.get(key)
+        if moved is None:
+            moved = self._moved[key] = tuple(
+                b.to(dtype=x.dtype, device=x.device) if isinstance(b, Tensor)
+                else torch.full((), b, dtype=x.dtype, device=x.device) for b in (self.low, self.high))
+        return moved
 
 
 class _FlowConstraint:
@@ -94,11 +127,22 @@ class _FlowConstraint:
 class ValueGradientFlow:
     """Compose a velocity field, a solver, a budget and a projection into a transport operator.
 
-    ``aggregation`` combines critic heads ("mean" or "min"); ``max_steps`` caps the steps of budgets that
-    do not count steps (displacement, Sinkhorn); ``validate`` checks the starting particles for NaN/inf and
-    validates the returned `ParticlePolicy`'s arguments (host reads; training loops that validate their
-    batches turn it off together with the solver's ``check_finite``, and a step-budget flow then reads
-    nothing back from the device). Particles move; the value's parameters never get a gradient.
+    ``flow(reference, obs, value, num_particles=N)`` returns the moved cloud as a `ParticlePolicy`;
+    ``flow.act(...)`` the action chosen from it, and ``flow.next_value(...)`` the bootstrap term of a TD
+    target (REFERENCE.md section 3):
+
+        act:        x^L = flow of N draws of mu(. | s) driven by Q_flow;  a = argmax_i Q_target-agg(s, x_i^L)
+        next_value: V(s') = (1/N) sum_i Qbar(s', x_i^L), x^L moved by the ONLINE value, Qbar the target value
+
+    ``aggregation`` combines critic heads for the flow's gradient ("mean": the authors' choice in every
+    script); ``target_aggregation`` combines them wherever values are used: the choice of the acted particle
+    and the TD target ("min": the authors' D4RL setting; their OGBench scripts take min for antmaze, mean
+    elsewhere). ``max_steps`` caps the steps of budgets that do not count steps (displacement, Sinkhorn).
+    ``validate`` checks the starting particles for NaN/inf and validates the returned `ParticlePolicy`'s
+    arguments (host reads; GPU training loops turn it off together with the solver's ``check_finite``, and a
+    step-budget flow then reads nothing back from the device). The starting particles are projected too, so
+    every returned particle lies in the box, at L = 0 included. Particles move; the value's parameters never
+    get a gradient.
     """
 
     field: VelocityField
@@ -106,6 +150,7 @@ class ValueGradientFlow:
     budget: Budget | int = 1
     projection: BoxProjection | None = None
     aggregation: str = "mean"
+    target_aggregation: str = "min"
     max_steps: int | None = None
     validate: bool = True
 
@@ -113,10 +158,12 @@ class ValueGradientFlow:
         object.__setattr__(self, "budget", as_budget(self.budget))
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be non-negative, got {self.max_steps}")
-        HeadAggregation(lambda o, a: a, self.aggregation)
+        for name in ("aggregation", "target_aggregation"):
+            if getattr(self, name) not in AGGREGATIONS:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {AGGREGATIONS}")
 
-    def with_budget(self, budget: Budget | int) -> ValueGradientFlow:
-        """The same operator with another budget (an int means a step count)."""
+    def with_budget(self, budget: Budget | int | float | Tensor) -> ValueGradientFlow:
+        """The same operator with another budget (a whole number, or a tensor of them, is a step count)."""
         return replace(self, budget=as_budget(budget))
 
     def __call__(
@@ -127,9 +174,73 @@ class ValueGradientFlow:
         num_particles: int | None = None,
         generator: torch.Generator | None = None,
     ) -> ParticlePolicy:
+        return self._transport(reference, obs, value, num_particles, generator)[0]
+
+    def act(
+        self,
+        reference: Reference,
+        obs: Tensor | None,
+        value: ValueCallable,
+        num_particles: int | None = None,
+        *,
+        budget: Budget | int | float | Tensor | None = None,
+        rule: str = "argmax",
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """One action per state, ``[*B, A]``: the flow (under ``budget``, default the operator's), then ``rule``
+        over the moved particles scored by ``value`` with heads combined by ``target_aggregation``: ``argmax``
+        (how VGF acts), ``softmax`` (probabilities ∝ exp(Q / temperature)) or ``uniform``. ``budget=0`` is
+        best-of-N. No graph is returned."""
+        if rule not in SELECTION_RULES:
+            raise ValueError(f"unknown selection rule {rule!r}; expected one of {SELECTION_RULES}")
+        flow = self if budget is None else self.with_budget(budget)
+        policy, obs = flow._transport(reference, obs, value, num_particles, generator)
+        scores = None if rule == "uniform" else evaluate(value, obs, policy.particles, self.target_aggregation)
+        return policy.select(rule, scores=scores, temperature=temperature, generator=generator)
+
+    def next_value(
+        self,
+        reference: Reference,
+        next_obs: Tensor | None,
+        value: ValueCallable,
+        target_value: ValueCallable,
+        num_particles: int | None = None,
+        *,
+        budget: Budget | int | float | Tensor | None = None,
+        reduction: str = "mean",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """V(s') for the TD target y = r + gamma * mask * V(s'), ``[*B]``, without a graph.
+
+        N particles from ``reference`` at ``next_obs`` are moved by the flow of the ONLINE ``value`` (heads by
+        ``aggregation``) under ``budget`` (default the operator's: L_train), then scored by ``target_value``
+        (the target critic) with heads by ``target_aggregation`` and reduced over particles by ``reduction``:
+        ``"mean"`` (the authors'), or ``"max"``."""
+        if reduction not in PARTICLE_REDUCTIONS:
+            raise ValueError(f"unknown particle reduction {reduction!r}; expected one of {PARTICLE_REDUCTIONS}")
+        flow = self if budget is None else self.with_budget(budget)
+        policy, next_obs = flow._transport(reference, next_obs, value, num_particles, generator)
+        q = evaluate(target_value, next_obs, policy.particles, self.target_aggregation)
+        return q.mean(-1) if reduction == "mean" else q.amax(-1)
+
+    def _transport(
+        self,
+        reference: Reference,
+        obs: Tensor | None,
+        value: ValueCallable,
+        num_particles: int | None,
+        generator: torch.Generator | None,
+    ) -> tuple[ParticlePolicy, Tensor | None]:
+        """The flow's result and obs as the flow used them (cast to the particles' dtype)."""
+        _check_obs(obs)
         origin, x0 = self._initial_particles(reference, obs, num_particles, generator)
         batch_shape = x0.shape[:-2]
         _check_particles(x0, self.validate)
+        obs = _match_obs(obs, x0)
+        if self.projection is not None:
+            x0 = self.projection(x0)
+        origin = x0 if origin is None else origin
         flat_obs = _flatten_obs(obs, batch_shape)
         flat_x0 = x0.reshape(-1, *x0.shape[-2:])
         constraint = _FlowConstraint(self.budget, self.projection, batch_shape, flat_x0, self.max_steps)
@@ -143,25 +254,26 @@ class ValueGradientFlow:
             exhausted=result.exhausted,
             budget_spent=spent,
         ).reshape(batch_shape)
-        return ParticlePolicy(x.reshape(x0.shape), reference_particles=origin, report=report,
-                              validate_args=None if self.validate else False)
+        policy = ParticlePolicy(x.reshape(x0.shape), reference_particles=origin, report=report,
+                                validate_args=None if self.validate else False)
+        return policy, obs
 
     def _initial_particles(
         self, reference: Reference, obs: Tensor | None, num_particles: int | None, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor]:
-        """(origin of the chain, starting particles [*B, N, A])."""
+    ) -> tuple[Tensor | None, Tensor]:
+        """(origin of a chain, or None when the starting particles are the origin; starting particles [*B, N, A])."""
         if isinstance(reference, ParticlePolicy):
-            start = reference.particles.detach()
-            origin = reference.reference_particles if reference.reference_particles is not None else start
-            return origin, start
+            return reference.reference_particles, reference.particles.detach()
         if isinstance(reference, Tensor):
             if reference.dim() < 2:
                 raise ValueError(f"particles must have shape [*batch, N, A]; got {tuple(reference.shape)}")
-            start = reference.detach()
-            return start, start
-        if num_particles is None or num_particles < 1:
+            return None, reference.detach()
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int when drawing from a reference; got {num_particles}")
-        distribution = reference if isinstance(reference, Distribution) else reference(obs)
+        if isinstance(reference, Distribution):
+            distribution = reference
+        else:
+            distribution = _call_reference(reference, obs)
         with torch.no_grad():
             if hasattr(distribution, "sample_particles"):
                 start = distribution.sample_particles(num_particles, generator=generator)
@@ -172,7 +284,35 @@ class ValueGradientFlow:
             raise ValueError(
                 f"the reference drew particles for batch {tuple(start.shape[:-2])} but obs has batch {tuple(obs.shape[:-1])}"
             )
-        return start, start
+        return None, start
+
+
+PARTICLE_REDUCTIONS = ("mean", "max")
+
+
+def _call_reference(reference: Callable[[Tensor], Distribution], obs: Tensor | None) -> Distribution:
+    """``reference(obs)``, with floating obs cast to a reference module's dtype; a reference on another device
+    than obs, or one that raises, gets a named error."""
+    parameter = None
+    if isinstance(reference, nn.Module):
+        parameter = next((p for p in reference.parameters() if p.is_floating_point()), None)
+    if parameter is not None and obs is not None:
+        if parameter.device != obs.device:
+            raise ValueError(
+                f"the reference {type(reference).__name__} has its parameters on {parameter.device} but obs are on "
+                f"{obs.device}; move obs (obs.to('{parameter.device}')) or the reference to one device"
+            )
+        if obs.is_floating_point() and obs.dtype != parameter.dtype:
+            obs = obs.to(parameter.dtype)
+    try:
+        return reference(obs)
+    except (RuntimeError, TypeError) as err:
+        where = "None" if obs is None else f"{list(obs.shape)} {obs.dtype} on {obs.device}"
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise type(err)(
+            f"reference(obs) raised {type(err).__name__}: {first_line} (vgf-prob passed obs {where}); the reference "
+            "maps obs [*B, O] to a distribution with batch shape [*B], in the dtype and on the device of its weights"
+        ) from err
 
 
 def _host_uniform_steps(budget: Budget, max_steps: int | None) -> int | None:
@@ -185,13 +325,42 @@ def _host_uniform_steps(budget: Budget, max_steps: int | None) -> int | None:
     return int(min(counts)) if counts else None
 
 
+def _check_obs(obs: Tensor | None) -> None:
+    if obs is None:
+        return
+    if not isinstance(obs, Tensor):
+        raise TypeError(
+            f"obs must be a tensor [*B, O] or None, got {type(obs).__name__}; convert it with "
+            "torch.as_tensor(obs, device=...) first"
+        )
+    if obs.dim() == 0:
+        raise ValueError("obs must have shape [*B, O]; got a scalar")
+    if obs.shape[:-1].numel() == 0:
+        raise ValueError(f"empty batch: obs has shape {tuple(obs.shape)}, no states to move particles for")
+
+
 def _check_particles(x0: Tensor, check_finite: bool) -> None:
     if not x0.is_floating_point():
         raise TypeError(f"particles must be a floating-point tensor, got {x0.dtype}")
     if x0.shape[-2] == 0:
         raise ValueError("a flow needs at least one particle per state; got N = 0")
+    if x0.shape[:-2].numel() == 0:
+        raise ValueError(f"empty batch: the particles have shape {tuple(x0.shape)}, no states to move")
     if check_finite and not torch.isfinite(x0).all():
         raise ValueError(f"particles contain {(~torch.isfinite(x0)).sum().item()} NaN/inf values")
+
+
+def _match_obs(obs: Tensor | None, x0: Tensor) -> Tensor | None:
+    """obs on the particles' device (else a named error) and, when floating, in their dtype (gymnasium's float64
+    observations meet float32 particles)."""
+    if obs is None:
+        return None
+    if obs.device != x0.device:
+        raise ValueError(
+            f"obs are on {obs.device} but the particles on {x0.device}; move obs to the particles' device "
+            f"(obs.to('{x0.device}'))"
+        )
+    return obs.to(x0.dtype) if obs.is_floating_point() and obs.dtype != x0.dtype else obs
 
 
 def _flatten_obs(obs: Tensor | None, batch_shape: torch.Size) -> Tensor | None:

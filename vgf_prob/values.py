@@ -1,38 +1,120 @@
-"""The value-function protocol and head aggregation.
+"""Values: the protocol the operator calls, adapters for critics written for other codebases, head aggregation.
 
-A value is any callable ``value(obs, actions)`` with obs ``[B, O]`` (one observation per state, or None)
-and actions ``[B, N, A]`` (N particles per state) that returns ``[B, N]`` or ``[B, N, H]`` (H critic
-heads). ``HeadAggregation`` combines heads into one number per particle by ``mean`` or ``min``. A critic
-written for matched leading dims, ``critic(obs [..., O], actions [..., A])``, is adapted by
-``broadcast_observations``.
+**The protocol.** A value is any callable ``value(obs, actions)`` with obs ``[*B, O]`` (or None) and actions
+``[*B, N, A]`` (N particles per state) that returns ``[*B, N]`` or ``[*B, N, H]`` (H critic heads). The
+operator differentiates it with respect to the actions only: no graph is left on its parameters.
+
+**Critics from other codebases** are usually written for matched rows instead. ``as_value(*critics)``
+adapts them; the layout is found by shapes (``layout="auto"``) or named:
+
+=============  =====================================================================  ======================
+layout         what vgf-prob calls                                                    typical source
+=============  =====================================================================  ======================
+``rows``       ``critic(obs [M, O], actions [M, A])`` with M = B * N rows (obs        CORL / CleanRL critics:
+               repeated per particle) -> ``[M]``, ``[M, 1]``, ``[M, H]`` or a tuple   ``torch.cat([s, a], 1)``
+               or list of ``[M]`` / ``[M, 1]`` heads
+``particles``  ``critic(obs [B, O], actions [B, N, A])`` -> ``[B, N]``, ``[B, N, H]``  critics that broadcast
+               or a tuple of heads (the protocol itself)                              over particles already
+``encoded``    ``critic.particle_values(critic.encode_obs(obs), actions [B, N, A])``  ``vgf_prob.rl.networks.
+               with the state encoding computed once per batch of states             EnsembleCritic``
+=============  =====================================================================  ======================
+
+Several critics (twin or ensemble modules) become heads side by side: ``as_value(q1, q2)`` returns
+``[*B, N, 2]``. ``HeadAggregation`` combines heads into one number per particle by ``mean`` or ``min``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vgf_prob.flows.fields import action_gradient
 
 ValueCallable = Callable[[Tensor | None, Tensor], Tensor]
 AGGREGATIONS = ("mean", "min")
+LAYOUTS = ("auto", "rows", "particles", "encoded")
+# exception classes a critic raises on inputs of the wrong shape or dtype; re-raised with what vgf-prob passed
+_SHAPE_ERRORS = (RuntimeError, TypeError, ValueError, IndexError)
 
-__all__ = ["AGGREGATIONS", "HeadAggregation", "action_gradient", "broadcast_observations", "evaluate"]
+__all__ = [
+    "AGGREGATIONS",
+    "LAYOUTS",
+    "CriticValue",
+    "HeadAggregation",
+    "NoActionGradientWarning",
+    "action_gradient",
+    "as_value",
+    "broadcast_observations",
+    "evaluate",
+]
 
 
+class NoActionGradientWarning(UserWarning):
+    """The value's output does not depend on the actions, so the flow's attraction term is zero."""
+
+
+NO_GRADIENT_MESSAGE = (
+    "the value gives no gradient to the actions (its output was computed without them, detached from them, or "
+    "under torch.no_grad inside the value): the flow's attraction term is zero, and only the field's repulsion "
+    "moves the particles. Return Q computed from the actions passed in, with autograd on"
+)
+_PROTOCOL_HINT = (
+    "the protocol is value(obs [B, O], actions [B, N, A]) -> [B, N] or [B, N, heads]; a critic written for matched "
+    "rows, critic(obs [M, O], actions [M, A]) -> [M] or [M, 1] (e.g. torch.cat([obs, actions], dim=1)), one "
+    "returning a tuple of heads, or several critic modules: wrap them with vgf.as_value(critic, ...)"
+)
+
+
+def _shape(x: Tensor | None) -> str:
+    return "None" if x is None else str(list(x.shape))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _reraise(err: Exception, message: str) -> None:
+    """Raise ``err``'s class (when it takes one message) with ``message``, chained to ``err``."""
+    if type(err) in _SHAPE_ERRORS:
+        raise type(err)(message) from err
+    raise err
+
+
+# ---------------------------------------------------------------------------------------------- heads
 class HeadAggregation:
-    """Q(s, a) = mean_k Q_k(s, a) or min_k Q_k(s, a) over critic heads; a value without heads passes through."""
+    """Q(s, a) = mean_k Q_k(s, a) or min_k Q_k(s, a) over critic heads; a value without heads passes through.
+
+    Also where vgf-prob first meets a user's value: a value that raises on the protocol's shapes is re-raised
+    with the shapes passed and the adapter to use, and a value whose output does not depend on the actions
+    it was handed for a gradient gets one `NoActionGradientWarning` (checked once per instance: the operator
+    makes one per flow).
+    """
 
     def __init__(self, value: ValueCallable, aggregation: str = "mean") -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown head aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
         self.value = value
         self.aggregation = aggregation
+        self._gradient_checked = False
 
     def __call__(self, obs: Tensor | None, actions: Tensor) -> Tensor:
-        q = self.value(obs, actions)
+        try:
+            q = self.value(obs, actions)
+        except _SHAPE_ERRORS as err:
+            if isinstance(self.value, CriticValue):  # its own message already names shapes and layouts
+                raise
+            _reraise(err, f"value(obs, actions) raised {type(err).__name__}: {_first_line(err)} (vgf-prob passed obs "
+                          f"{_shape(obs)} and actions {_shape(actions)}); {_PROTOCOL_HINT}")
+        if not isinstance(q, Tensor):
+            raise TypeError(f"value(obs, actions) must return a tensor, got {type(q).__name__}; {_PROTOCOL_HINT}")
+        if not self._gradient_checked and actions.requires_grad and torch.is_grad_enabled():
+            self._gradient_checked = True
+            if not _depends_on(q, actions):
+                warnings.warn(NO_GRADIENT_MESSAGE, NoActionGradientWarning, stacklevel=2)
         particle_shape = actions.shape[:-1]
         if q.shape == particle_shape:
             return q
@@ -40,13 +122,37 @@ class HeadAggregation:
             return q.mean(-1) if self.aggregation == "mean" else q.amin(-1)
         raise ValueError(
             f"value(obs, actions) returned shape {tuple(q.shape)} for actions {tuple(actions.shape)}; expected "
-            f"{tuple(particle_shape)} or {tuple(particle_shape)} + (heads,). A critic that needs obs and actions "
-            "with matching leading dims can be wrapped with vgf_prob.values.broadcast_observations"
+            f"{tuple(particle_shape)} or {tuple(particle_shape)} + (heads,); {_PROTOCOL_HINT}"
         )
 
 
+def _depends_on(output: Tensor, inputs: Tensor) -> bool:
+    """Whether autograd can reach ``inputs`` from ``output`` (a walk of the graph, no backward pass)."""
+    if not output.requires_grad:
+        return False
+    target = inputs.grad_fn
+    stack, seen = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        reached = node is target if target is not None else getattr(node, "variable", None) is inputs
+        if reached:
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
+def evaluate(value: ValueCallable, obs: Tensor | None, actions: Tensor, aggregation: str = "mean") -> Tensor:
+    """Q of every particle with heads combined by ``aggregation``, ``[*B, N]``, without building a graph."""
+    with torch.no_grad():
+        return HeadAggregation(value, aggregation)(obs, actions)
+
+
 def broadcast_observations(critic: Callable[[Tensor, Tensor], Tensor]) -> ValueCallable:
-    """Adapt ``critic(obs [..., O], actions [..., A])`` to the protocol by expanding obs over particles."""
+    """Adapt ``critic(obs [..., O], actions [..., A])`` (any matching leading dims) by expanding obs over
+    particles. ``as_value`` covers this and the critics that need flat ``[M, O]`` rows."""
 
     def value(obs: Tensor | None, actions: Tensor) -> Tensor:
         if obs is None:
@@ -57,7 +163,215 @@ def broadcast_observations(critic: Callable[[Tensor, Tensor], Tensor]) -> ValueC
     return value
 
 
-def evaluate(value: ValueCallable, obs: Tensor | None, actions: Tensor, aggregation: str = "mean") -> Tensor:
-    """Aggregated Q of every particle, [B, N], without building a graph."""
-    with torch.no_grad():
-        return HeadAggregation(value, aggregation)(obs, actions)
+# ---------------------------------------------------------------------------------------------- adapters
+def as_value(*critics: Callable[..., object], layout: str = "auto") -> CriticValue:
+    """A protocol value from one or several critics of another codebase (see the module docstring).
+
+    ``layout="auto"`` takes ``encoded`` when every critic has ``encode_obs`` and ``particle_values``; otherwise
+    the first call with two distinct states decides by a probe on two of them: ``particles`` when each critic
+    accepts the particle layout and agrees with ``rows`` on the probe, else ``rows`` (correct for every critic
+    that takes matched rows). Pass ``layout`` to skip the probe, e.g. for critics with train-mode BatchNorm.
+    """
+    return CriticValue(*critics, layout=layout)
+
+
+class CriticValue:
+    """value(obs [*B, O], actions [*B, N, A]) -> [*B, N] (one head) or [*B, N, H] from critics in a named layout.
+
+    Inputs are cast to the first critic module's floating dtype when they differ (the cast is differentiable,
+    and the result is returned in the actions' dtype), and rejected with a named error when they sit on
+    another device. In the ``encoded`` layout the critic's parameters get no gradient; call the critic itself
+    for its training loss.
+    """
+
+    def __init__(self, *critics: Callable[..., object], layout: str = "auto") -> None:
+        if not critics:
+            raise ValueError("as_value needs at least one critic")
+        for index, critic in enumerate(critics):
+            if not callable(critic):
+                raise TypeError(f"critic {index} is not callable: {type(critic).__name__}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+        encodable = all(_has_encoding(critic) for critic in critics)
+        if layout == "encoded" and not encodable:
+            raise ValueError("layout 'encoded' needs critics with encode_obs(obs) and particle_values(encoded, actions)")
+        self.critics = critics
+        self.layout: str | None = "encoded" if layout == "auto" and encodable else (None if layout == "auto" else layout)
+        self.modules = [module for critic in critics if (module := _module_of(critic)) is not None]
+        self._encodings: dict[int, tuple[Tensor, int, tuple[int, ...], Tensor]] = {}
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(c).__name__ if isinstance(c, nn.Module) else getattr(c, "__qualname__", repr(c))
+                          for c in self.critics)
+        return f"CriticValue({names}, layout={self.layout or 'auto (undecided)'!r})"
+
+    def __call__(self, obs: Tensor | None, actions: Tensor) -> Tensor:
+        if actions.dim() < 2:
+            raise ValueError(f"actions must have shape [*B, N, A]; got {_shape(actions)}")
+        obs_in, actions_in = self._match(obs, actions)
+        layout = self.layout if self.layout is not None else self._decide(obs_in, actions_in)
+        return self._values(layout, obs_in, actions_in).to(actions.dtype)
+
+    # -------------------------------------------------------------------- matching dtype and device
+    def _match(self, obs: Tensor | None, actions: Tensor) -> tuple[Tensor | None, Tensor]:
+        if obs is not None and obs.device != actions.device:
+            raise ValueError(f"obs are on {obs.device} but the actions on {actions.device}; put both on one device")
+        for module in self.modules:
+            parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
+            if parameter is None:
+                continue
+            if parameter.device != actions.device:
+                raise ValueError(
+                    f"the critic {type(module).__name__} has its parameters on {parameter.device} but the actions "
+                    f"are on {actions.device}; move the critic (critic.to(device)) or the data to one device"
+                )
+            dtype = parameter.dtype
+            if actions.is_floating_point() and actions.dtype != dtype:
+                actions = actions.to(dtype)
+            if obs is not None and obs.is_floating_point() and obs.dtype != dtype:
+                obs = obs.to(dtype)
+            break
+        return obs, actions
+
+    # -------------------------------------------------------------------- layouts
+    def _values(self, layout: str, obs: Tensor | None, actions: Tensor) -> Tensor:
+        lead = actions.shape[:-1]
+        if layout == "rows":
+            rows = lead.numel()
+            args = (None if obs is None else obs.unsqueeze(-2).expand(*lead, obs.shape[-1]).reshape(rows, -1),
+                    actions.reshape(rows, actions.shape[-1]))
+            out_lead = torch.Size([rows])
+        elif layout == "particles":
+            args, out_lead = (obs, actions), lead
+        else:
+            if obs is None:
+                raise ValueError("layout 'encoded' needs observations; got obs=None")
+            args = (obs.reshape(-1, obs.shape[-1]), actions.reshape(-1, *actions.shape[-2:]))
+            out_lead = args[1].shape[:-1]
+        heads = []
+        for index, critic in enumerate(self.critics):
+            try:
+                if layout == "encoded":
+                    out = critic.particle_values(self._encoding(index, critic, args[0]), args[1])
+                else:
+                    out = critic(*args)
+            except _SHAPE_ERRORS as err:
+                _reraise(err, self._call_error(index, layout, args, err))
+            heads.append(_as_heads(out, out_lead, self._name(index), layout, args))
+        q = torch.cat(heads, dim=-1) if len(heads) > 1 else heads[0]
+        q = q.reshape(*lead, q.shape[-1])
+        return q.squeeze(-1) if q.shape[-1] == 1 else q
+
+    def _encoding(self, index: int, critic, obs: Tensor) -> Tensor:
+        """``critic.encode_obs(obs)`` without a graph, reused while obs (the same tensor, not modified in place)
+        and the critic's parameters are unchanged: once per flow, not once per step."""
+        versions = tuple(p._version for p in critic.parameters()) if isinstance(critic, nn.Module) else ()
+        cached = self._encodings.get(index)
+        if cached is not None and cached[0] is obs and cached[1] == obs._version and cached[2] == versions:
+            return cached[3]
+        with torch.no_grad():
+            encoded = critic.encode_obs(obs)
+        self._encodings[index] = (obs, obs._version, versions, encoded)
+        return encoded
+
+    def _decide(self, obs: Tensor | None, actions: Tensor) -> str:
+        """Probe two distinct states with two particles each in both layouts; keep 'particles' only when it
+        agrees with 'rows' (a critic that pairs state b with particle b instead of every particle of state b
+        agrees in shape exactly when B == N, so the probe has B == N == 2 and compares values)."""
+        probe = _probe(obs, actions)
+        if probe is None:  # one state (or all states equal) so far: rows is right; decide on a later call
+            return "rows"
+        results: dict[str, Tensor | Exception] = {}
+        with torch.no_grad():
+            for layout in ("rows", "particles"):
+                try:
+                    results[layout] = self._values(layout, *probe)
+                except Exception as err:  # noqa: BLE001 - a probe: the critic's own error is reported below
+                    results[layout] = err
+        rows, particles = results["rows"], results["particles"]
+        if isinstance(rows, Exception) and isinstance(particles, Exception):
+            raise ValueError(
+                f"{self._name(0)} fails in both layouts vgf-prob tries: as matched rows (obs {_shape(probe[0])} -> "
+                f"[M, O], actions [M, A]) it raised {_first_line(rows)}; with particles (obs {_shape(probe[0])}, "
+                f"actions {_shape(probe[1])}) it raised {_first_line(particles)}. Expected critic(obs [M, O], "
+                "actions [M, A]) -> [M], [M, 1], [M, H] or a tuple of heads, or critic(obs [B, O], actions [B, N, A]) "
+                "-> [B, N] or [B, N, H]"
+            ) from rows
+        if isinstance(rows, Exception):
+            self.layout = "particles"
+        elif isinstance(particles, Exception) or particles.shape != rows.shape:
+            self.layout = "rows"
+        else:
+            eps = torch.finfo(rows.dtype).eps if rows.is_floating_point() else 0.0
+            tolerance = max(1e-4, 64 * eps) * (1.0 + float(rows.abs().max()))
+            self.layout = "particles" if bool(((particles - rows).abs() <= tolerance).all()) else "rows"
+        return self.layout
+
+    # -------------------------------------------------------------------- messages
+    def _name(self, index: int) -> str:
+        critic = self.critics[index]
+        name = type(critic).__name__ if isinstance(critic, nn.Module) else getattr(critic, "__qualname__", "critic")
+        return f"critic {index} ({name})" if len(self.critics) > 1 else f"the critic ({name})"
+
+    def _call_error(self, index: int, layout: str, args: Sequence[Tensor | None], err: Exception) -> str:
+        passed = {
+            "rows": f"critic(obs {_shape(args[0])}, actions {_shape(args[1])}): matched rows, B * N of them",
+            "particles": f"critic(obs {_shape(args[0])}, actions {_shape(args[1])}): particles [B, N, A]",
+            "encoded": f"critic.particle_values(critic.encode_obs(obs {_shape(args[0])}), actions {_shape(args[1])})",
+        }[layout]
+        hint = {
+            "rows": "a critic that takes obs [B, O] with actions [B, N, A] needs as_value(critic, layout='particles')",
+            "particles": "a critic written for matched rows (torch.cat([obs, actions], dim=1)) needs "
+                         "as_value(critic, layout='rows') (or layout='auto')",
+            "encoded": "a critic whose encode_obs/particle_values differ from vgf_prob.rl.networks.EnsembleCritic's "
+                       "needs as_value(critic, layout='rows')",
+        }[layout]
+        return f"{self._name(index)} raised {type(err).__name__}: {_first_line(err)} (vgf-prob called {passed}); {hint}"
+
+
+def _module_of(critic) -> nn.Module | None:
+    """The module behind a critic: itself, or the module of a bound method such as ``twin_q.both``."""
+    if isinstance(critic, nn.Module):
+        return critic
+    owner = getattr(critic, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _has_encoding(critic) -> bool:
+    return callable(getattr(critic, "encode_obs", None)) and callable(getattr(critic, "particle_values", None))
+
+
+def _as_heads(out: object, lead: torch.Size, name: str, layout: str, args: Sequence[Tensor | None]) -> Tensor:
+    """One critic's output as ``[*lead, h]``: a tensor ``lead``, ``lead + (1,)`` or ``lead + (h,)``, or a
+    tuple/list of tensors ``lead`` or ``lead + (1,)`` (one head each)."""
+    if isinstance(out, Tensor):
+        if out.shape == lead:
+            return out.unsqueeze(-1)
+        if out.dim() == len(lead) + 1 and out.shape[:-1] == lead:
+            return out
+    elif isinstance(out, (tuple, list)) and out and all(isinstance(h, Tensor) for h in out):
+        if all(h.shape == lead or h.shape == lead + (1,) for h in out):
+            return torch.stack([h.reshape(lead) for h in out], dim=-1)
+    got = (f"a {type(out).__name__} of shapes {[list(h.shape) if isinstance(h, Tensor) else type(h).__name__ for h in out]}"
+           if isinstance(out, (tuple, list)) else _shape(out) if isinstance(out, Tensor) else type(out).__name__)
+    want = list(lead)
+    raise ValueError(
+        f"{name} returned {got} for obs {_shape(args[0])} and actions {_shape(args[1])} (layout '{layout}'); expected "
+        f"{want}, {want + [1]}, {want + ['heads']} or a tuple/list of {want} or {want + [1]} heads"
+    )
+
+
+def _probe(obs: Tensor | None, actions: Tensor) -> tuple[Tensor | None, Tensor] | None:
+    """Two distinct states with two particles each (obs ``[2, O]``, actions ``[2, 2, A]``), or None."""
+    flat_actions = actions.reshape(-1, *actions.shape[-2:])
+    pick = torch.tensor([0, min(1, flat_actions.shape[-2] - 1)], device=actions.device)
+    if obs is None:
+        states = flat_actions[:2]
+        return None if states.shape[0] < 2 else (None, states.index_select(-2, pick))
+    flat_obs = obs.reshape(-1, obs.shape[-1])
+    differs = (flat_obs != flat_obs[:1]).flatten(1).any(-1).nonzero()
+    if differs.numel() == 0:
+        return None
+    other = int(differs[0, 0])
+    states = torch.tensor([0, other], device=actions.device)
+    return flat_obs.index_select(0, states), flat_actions.index_select(0, states).index_select(-2, pick)
