@@ -565,7 +565,7 @@ def _log_abs_det(jacobian: Tensor, dt: float, step: int) -> Tensor:
     return log_abs
 
 
-class SquashedFlowMatching(TransformedDistribution):
+class SquashedFlowMatching(TransformedDistribution, TorchDistribution):
     """a = c + h tanh(z), z ~ the unbounded flow (``bound="tanh"``): c, h the box's center and half-width.
 
     log p(a) = log p_z(z) - sum_i log(h_i (1 - tanh(z_i)^2)) (pyro's ``TransformedDistribution``, transforms
