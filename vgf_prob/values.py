@@ -15,8 +15,9 @@ layout         what vgf-prob calls                                              
                or list of ``[M]`` / ``[M, 1]`` heads
 ``particles``  ``critic(obs [B, O], actions [B, N, A])`` -> ``[B, N]``, ``[B, N, H]``  critics that broadcast
                or a tuple of heads (the protocol itself)                              over particles already
-``encoded``    ``critic.particle_values(critic.encode_obs(obs), actions [B, N, A])``  ``vgf_prob.rl.networks.
-               with the state encoding computed once per batch of states             EnsembleCritic``
+``encoded``    ``critic.forward_from_encoding(critic.encode_obs(obs), actions)``     ``vgf_prob.rl.networks.
+               with the state encoding computed once per batch of states, and       EnsembleCritic``
+               `vgf_prob.fast`'s fused pass where it serves the critic
 =============  =====================================================================  ======================
 
 Several critics (twin or ensemble modules) become heads side by side: ``as_value(q1, q2)`` returns
@@ -167,7 +168,7 @@ def broadcast_observations(critic: Callable[[Tensor, Tensor], Tensor]) -> ValueC
 def as_value(*critics: Callable[..., object], layout: str = "auto") -> CriticValue:
     """A protocol value from one or several critics of another codebase (see the module docstring).
 
-    ``layout="auto"`` takes ``encoded`` when every critic has ``encode_obs`` and ``particle_values``; otherwise
+    ``layout="auto"`` takes ``encoded`` when every critic has ``encode_obs`` and ``forward_from_encoding``; otherwise
     the first call with two distinct states decides by a probe on two of them: ``particles`` when each critic
     accepts the particle layout and agrees with ``rows`` on the probe, else ``rows`` (correct for every critic
     that takes matched rows). Pass ``layout`` to skip the probe, e.g. for critics with train-mode BatchNorm.
@@ -194,11 +195,11 @@ class CriticValue:
             raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
         encodable = all(_has_encoding(critic) for critic in critics)
         if layout == "encoded" and not encodable:
-            raise ValueError("layout 'encoded' needs critics with encode_obs(obs) and particle_values(encoded, actions)")
+            raise ValueError("layout 'encoded' needs critics with encode_obs(obs) and forward_from_encoding(encoded, actions)")
         self.critics = critics
         self.layout: str | None = "encoded" if layout == "auto" and encodable else (None if layout == "auto" else layout)
         self.modules = [module for critic in critics if (module := _module_of(critic)) is not None]
-        self._encodings: dict[int, tuple[Tensor, int, tuple[int, ...], Tensor]] = {}
+        self._encodings: dict[int, tuple[Tensor, int, tuple[int, ...], Tensor, ValueCallable]] = {}
 
     def __repr__(self) -> str:
         names = ", ".join(type(c).__name__ if isinstance(c, nn.Module) else getattr(c, "__qualname__", repr(c))
@@ -252,7 +253,8 @@ class CriticValue:
         for index, critic in enumerate(self.critics):
             try:
                 if layout == "encoded":
-                    out = critic.particle_values(self._encoding(index, critic, args[0]), args[1])
+                    encoded, at_particles = self._encoding(index, critic, args[0])
+                    out = at_particles(encoded, args[1])
                 else:
                     out = critic(*args)
             except _SHAPE_ERRORS as err:
@@ -262,17 +264,21 @@ class CriticValue:
         q = q.reshape(*lead, q.shape[-1])
         return q.squeeze(-1) if q.shape[-1] == 1 else q
 
-    def _encoding(self, index: int, critic, obs: Tensor) -> Tensor:
-        """``critic.encode_obs(obs)`` without a graph, reused while obs (the same tensor, not modified in place)
-        and the critic's parameters are unchanged: once per flow, not once per step."""
+    def _encoding(self, index: int, critic, obs: Tensor) -> tuple[Tensor, ValueCallable]:
+        """``critic.encode_obs(obs)`` without a graph and the pass that reads it (`vgf_prob.fast.particle_pass`
+        where it serves the critic, else ``critic.forward_from_encoding``), reused while obs (the same tensor,
+        not modified in place) and the critic's parameters are unchanged: once per flow, not once per step."""
+        from vgf_prob import fast
+
         versions = tuple(p._version for p in critic.parameters()) if isinstance(critic, nn.Module) else ()
         cached = self._encodings.get(index)
         if cached is not None and cached[0] is obs and cached[1] == obs._version and cached[2] == versions:
-            return cached[3]
+            return cached[3], cached[4]
         with torch.no_grad():
             encoded = critic.encode_obs(obs)
-        self._encodings[index] = (obs, obs._version, versions, encoded)
-        return encoded
+        at_particles = fast.particle_pass(critic) or critic.forward_from_encoding
+        self._encodings[index] = (obs, obs._version, versions, encoded, at_particles)
+        return encoded, at_particles
 
     def _decide(self, obs: Tensor | None, actions: Tensor) -> str:
         """Probe two distinct states with two particles each in both layouts; keep 'particles' only when it
@@ -317,13 +323,13 @@ class CriticValue:
         passed = {
             "rows": f"critic(obs {_shape(args[0])}, actions {_shape(args[1])}): matched rows, B * N of them",
             "particles": f"critic(obs {_shape(args[0])}, actions {_shape(args[1])}): particles [B, N, A]",
-            "encoded": f"critic.particle_values(critic.encode_obs(obs {_shape(args[0])}), actions {_shape(args[1])})",
+            "encoded": f"critic.forward_from_encoding(critic.encode_obs(obs {_shape(args[0])}), actions {_shape(args[1])})",
         }[layout]
         hint = {
             "rows": "a critic that takes obs [B, O] with actions [B, N, A] needs as_value(critic, layout='particles')",
             "particles": "a critic written for matched rows (torch.cat([obs, actions], dim=1)) needs "
                          "as_value(critic, layout='rows') (or layout='auto')",
-            "encoded": "a critic whose encode_obs/particle_values differ from vgf_prob.rl.networks.EnsembleCritic's "
+            "encoded": "a critic whose encode_obs/forward_from_encoding differ from vgf_prob.rl.networks.EnsembleCritic's "
                        "needs as_value(critic, layout='rows')",
         }[layout]
         return f"{self._name(index)} raised {type(err).__name__}: {_first_line(err)} (vgf-prob called {passed}); {hint}"
@@ -338,7 +344,7 @@ def _module_of(critic) -> nn.Module | None:
 
 
 def _has_encoding(critic) -> bool:
-    return callable(getattr(critic, "encode_obs", None)) and callable(getattr(critic, "particle_values", None))
+    return callable(getattr(critic, "encode_obs", None)) and callable(getattr(critic, "forward_from_encoding", None))
 
 
 def _as_heads(out: object, lead: torch.Size, name: str, layout: str, args: Sequence[Tensor | None]) -> Tensor:
