@@ -89,10 +89,11 @@ class Crash(Exception):
 
 
 def test_resume_restores_a_non_empty_metrics_window_after_a_mid_run_evaluation(tmp_path, monkeypatch):
-    """Logs every 3 steps, checkpoints and evaluates every 4, killed during step 10: the checkpoint at step 8
-    holds the window of steps 7-8 and follows the evaluation at step 8; the resumed run must log step 9 as
-    the mean over steps 7-9 and evaluate at step 10 exactly as the uninterrupted run does."""
-    kwargs = dict(eval_every=4, eval_episodes=1, eval_budgets=(0, 1), log_every=3, checkpoint_every=4, progress=False,
+    """Logs and evaluates every 3 steps, checkpoints every 4, killed during step 10: the checkpoint at step 8
+    holds the window of steps 7-8 and follows the evaluations at steps 3 and 6; the killed run's log row and
+    evaluation at step 9 come after it. The resumed run must drop those, log step 9 as the mean over steps
+    7-9 and evaluate at steps 9 and 10 exactly as the uninterrupted run does."""
+    kwargs = dict(eval_every=3, eval_episodes=1, eval_budgets=(0, 1), log_every=3, checkpoint_every=4, progress=False,
                   seed=5)  # fmt: skip
     full = train(TINY, dataset(11, 3), HOPPER, tmp_path / "full", 10, **kwargs)
 
@@ -111,7 +112,7 @@ def test_resume_restores_a_non_empty_metrics_window_after_a_mid_run_evaluation(t
     monkeypatch.undo()
     saved = load_checkpoint(tmp_path / "killed" / "latest.pt")
     assert saved["step"] == 8 and saved["logs"]["window"]["count"] == 2, "the checkpoint should hold steps 7-8"
-    assert [r["step"] for r in read(tmp_path / "killed" / "eval.csv")].count("8") == 3  # BC, best-of-N, VGF
+    assert [r["step"] for r in read(tmp_path / "killed" / "eval.csv")] == ["3"] * 3 + ["6"] * 3 + ["9"] * 3
 
     resumed = train(TINY, dataset(11, 3), HOPPER, tmp_path / "killed", 10, resume=True, **kwargs)
     timing = ("steps_per_second",)  # wall-clock rate: the only column allowed to differ
@@ -122,5 +123,8 @@ def test_resume_restores_a_non_empty_metrics_window_after_a_mid_run_evaluation(t
             f"train.csv row at step {expected['step']} differs after resume (the metrics window of the steps "
             f"before the checkpoint was not restored?):\n  uninterrupted {expected}\n  resumed       {got}"
         )
-    assert read(resumed.eval_log) == read(full.eval_log), "eval.csv after resume differs from the uninterrupted run's"
-    assert [r["step"] for r in read(resumed.eval_log)] == ["4"] * 3 + ["8"] * 3 + ["10"] * 3
+    assert read(resumed.eval_log) == read(full.eval_log), (
+        "eval.csv after resume differs from the uninterrupted run's (rows after the checkpoint kept, or the "
+        "evaluation after resume not the same)"
+    )
+    assert [r["step"] for r in read(resumed.eval_log)] == [str(s) for s in (3, 6, 9, 10) for _ in range(3)]
