@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from .kernels import (
     BANDWIDTH_FLOOR,
     KERNEL_DENOMINATOR_EPS,
+    expansion_sq_distances,
     median_bandwidth,
+    median_selection,
     pairwise_sq_distances,
     rbf_kernel,
 )
@@ -77,17 +79,21 @@ class KernelSmoothedGradient:
 
 
 class SteinField:
-    """Stein variational (SVGD) field toward pi* ∝ exp(Q / alpha):
+    """Stein variational (SVGD) field toward pi* ∝ exp(Q / alpha), in one of two forms of its repulsion:
 
-        phi_i = (1/N) sum_j [ K_ij grad Q(x_j) / alpha + grad_{x_j} K(x_j, x_i) ],
-        grad_{x_j} K(x_j, x_i) = K_ij (x_i - x_j) * 2 / (2 s^2 + 1e-6).
+        phi_i = (1/N) [ sum_j K_ij grad Q(x_j) / alpha + r_i ],   K_ij = exp(-d_ij / (2 s^2 + 1e-6)),
 
-    The first term pulls particles toward high value (smoothed by the kernel), the second keeps the
-    cloud spread (the entropy term). The bandwidth s is the per-state median heuristic, held fixed as in
-    textbook SVGD. With ``differentiate_bandwidth=True`` the repulsion is formed as the VGF authors' code
-    does: -(1/N) grad_x sum_ij K_{s(x)}(x_i, stopgrad(x_j)) with s(x) computed from the same cloud, so the
-    gradient also flows through the median (needed for paper-faithful behaviour; with s fixed the two
-    coincide).
+    with d_ij = ||x_i - x_j||^2 and the per-state median bandwidth s^2 = median(d) / (2 log(N + 1)). The
+    first term pulls particles toward high value (smoothed by the kernel), r keeps the cloud spread.
+
+    - **textbook** (``differentiate_bandwidth=False``, `SteinField.textbook`): s held fixed, so
+      r_i = sum_j grad_{x_j} K(x_j, x_i) = sum_j K_ij (x_i - x_j) * 2 / (2 s^2 + 1e-6).
+    - **the paper's / authors'** (``differentiate_bandwidth=True``, `SteinField.paper`): exactly what the
+      authors' code computes (REFERENCE.md section 2): r = -grad_X sum_ij K_ij(X) with the kernel built
+      from d(X, stopgrad(X)), so the gradient also runs through the median bandwidth, and there it reaches
+      only the row particle of each selected median entry (`authors_kernel_and_repulsion`).
+
+    The agent uses the paper's form. Both are closed forms (no autograd graph beyond the value's).
     """
 
     def __init__(self, alpha: float = 1.0, differentiate_bandwidth: bool = False) -> None:
@@ -96,101 +102,60 @@ class SteinField:
         self.alpha = float(alpha)
         self.differentiate_bandwidth = differentiate_bandwidth
 
+    @classmethod
+    def paper(cls, alpha: float = 1.0) -> SteinField:
+        """The authors' Stein step (bandwidth differentiated, as in ryanxhr/vgf): paper-faithful."""
+        return cls(alpha, differentiate_bandwidth=True)
+
+    @classmethod
+    def textbook(cls, alpha: float = 1.0) -> SteinField:
+        """Textbook SVGD (Liu & Wang 2016): the bandwidth held fixed when the kernel is differentiated."""
+        return cls(alpha, differentiate_bandwidth=False)
+
+    def __repr__(self) -> str:
+        form = "paper" if self.differentiate_bandwidth else "textbook"
+        return f"SteinField.{form}(alpha={self.alpha})"
+
     def __call__(self, obs: Tensor | None, x: Tensor, value: ValueFn) -> Tensor:
         score = action_gradient(value, obs, x)[1]
-        n = x.shape[-2]
-        if self.differentiate_bandwidth:
-            kernel, repulsion = _repulsion_through_bandwidth(x)
-        else:
-            with torch.no_grad():
-                d2 = pairwise_sq_distances(x)
-                bandwidth_sq = median_bandwidth(d2)
-                kernel = rbf_kernel(d2, bandwidth_sq)
-                scale = (2.0 / (2.0 * bandwidth_sq + 1e-6))[..., None, None]
-                repulsion = scale * (x * kernel.sum(-1, keepdim=True) - kernel @ x)
-        return (kernel @ score / self.alpha + repulsion) / n
+        kernel, repulsion = authors_kernel_and_repulsion(x, through_bandwidth=self.differentiate_bandwidth)
+        return (kernel @ score / self.alpha + repulsion) / x.shape[-2]
 
 
-def _repulsion_through_bandwidth(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Kernel and the authors' repulsion -grad_x sum_ij K_{s(x)}(x_i, stopgrad(x_j)) (not yet divided by N),
-    in closed form (no autograd graph; `_repulsion_through_bandwidth_autograd` is the reference).
+def authors_kernel_and_repulsion(x: Tensor, through_bandwidth: bool = True) -> tuple[Tensor, Tensor]:
+    """The RBF kernel K [B, N, N] and the repulsion r = -grad_X sum_ij K_ij(X) [B, N, A] (not yet divided
+    by N) of the authors' Stein step, in closed form. Per state, with Y = stopgrad(X) (REFERENCE.md sec. 2):
 
-    With K_ij = exp(-d_ij / c), d_ij = ||x_i - x_j||^2, c = 2 s^2 + 1e-6, s^2 = max(m / (2 log(N + 1)), 1e-12)
-    and m the median of the pairwise squared distances, m = (1/2) sum_ab W_ab d_ab with W_ab = W_ba = the
-    weight of each selected entry (one, or two at 1/2), so dm/dx_i = 2 sum_j W_ij (x_i - x_j):
-        grad_i = sum_j [K_ij (-2 / c) + (sum_kl K_kl d_kl / c^2) (2 / (2 log(N + 1))) 2 W_ij] (x_i - x_j),
-    the first term from the kernel's first argument (the second is held), the second through the bandwidth.
-    One reduction over j forms both.
+    1. d_ij = max(||x_i||^2 + ||y_j||^2 - 2 x_i . y_j, 0): depends on x_i only, dd_ij/dx_i = 2 (x_i - x_j)
+       (times 1 where the unclamped value is > 0, 1/2 where it is exactly 0, else 0, as jnp.maximum's).
+    2. m = jnp.median of the N*N entries (`median_selection`); dm/dx_i = sum_j W_ij dd_ij/dx_i with W the
+       weights of the selected entries on their ROW particle.
+    3. h = m / (2 log(N + 1)), c = 2 max(h, 1e-12) + 1e-6, K_ij = exp(-d_ij / c).
+    4. grad_i sum_kl K_kl = sum_j [ -K_ij / c + T (dc/dm) W_ij ] dd_ij/dx_i, T = sum_kl K_kl d_kl / c^2,
+       dc/dm = 2 / (2 log(N + 1)) while h is above its floor (else 0).
+
+    ``through_bandwidth=False`` drops the W term: the textbook repulsion with s fixed. The pairs' directions
+    x_i - x_j are explicit differences (exact zeros for equal particles). d is symmetric by construction, so
+    the stable sort breaks every tie of (i, j) with (j, i) by flat position, as the authors' jnp.median does.
     """
     n = x.shape[-2]
     with torch.no_grad():
-        difference = x.unsqueeze(-2) - x.unsqueeze(-3)  # explicit x_i - x_j: exact zeros for equal particles
-        sq = difference.square().sum(-1)
-        median, median_weights = _median_and_weights(sq)
-        raw = median / (2.0 * math.log(n + 1))
-        bandwidth_sq = raw.clamp_min(BANDWIDTH_FLOOR)
+        unclamped = expansion_sq_distances(x)
+        sq_distances = unclamped.clamp_min(0.0)
+        slope = (unclamped > 0).to(x.dtype) + 0.5 * (unclamped == 0).to(x.dtype)  # d max(u, 0) / du
+        median, row_weights = median_selection(sq_distances)
+        log_term = 2.0 * math.log(n + 1)
+        bandwidth_sq = (median / log_term).clamp_min(BANDWIDTH_FLOOR)
         denominator = (2.0 * bandwidth_sq + KERNEL_DENOMINATOR_EPS)[..., None, None]
-        kernel = torch.exp(-sq / denominator)
-        through_bandwidth = (kernel * sq).sum((-1, -2), keepdim=True) / denominator.square()
-        # c = 2 s^2 + eps and s^2 = m / (2 log(N + 1)) unless floored (clamp_min passes the gradient at >=)
-        dc_dm = (raw >= BANDWIDTH_FLOOR).to(x.dtype)[..., None, None] * (2.0 / (2.0 * math.log(n + 1)))
-        coefficient = kernel * (-2.0 / denominator) + (2.0 * through_bandwidth * dc_dm) * median_weights
-        grad = (coefficient.unsqueeze(-1) * difference).sum(-2)
+        kernel = torch.exp(-sq_distances / denominator)
+        coefficient = kernel * (-1.0 / denominator)
+        if through_bandwidth:
+            through_median = (kernel * sq_distances).sum((-1, -2), keepdim=True) / denominator.square()
+            dc_dm = (median / log_term >= BANDWIDTH_FLOOR).to(x.dtype)[..., None, None] * (2.0 / log_term)
+            coefficient = coefficient + (through_median * dc_dm) * row_weights
+        difference = x.unsqueeze(-2) - x.unsqueeze(-3)
+        grad = ((2.0 * coefficient * slope).unsqueeze(-1) * difference).sum(-2)
     return kernel, -grad
-
-
-def _median_and_weights(sq_distances: Tensor) -> tuple[Tensor, Tensor]:
-    """The median m of all N*N entries of ``sq_distances`` (as `flows.kernels.median_bandwidth` takes it) and
-    symmetric weights W with m = (1/2) sum_ab W_ab d_ab: the weight of the selected off-diagonal entry (1, or
-    1/2 each for two) at (a, b) and at (b, a); all zero when the median is a diagonal zero."""
-    n = sq_distances.shape[-1]
-    weights = torch.zeros_like(sq_distances)
-    if n == 1:
-        return sq_distances[..., 0, 0], weights
-    rows, cols = torch.triu_indices(n, n, offset=1, device=sq_distances.device)
-    off_diagonal = sq_distances[..., rows, cols]
-    count = n * n
-
-    def kth_smallest(k: int) -> tuple[Tensor, Tensor | None]:
-        if k <= n:  # one of the N zeros of the diagonal: no gradient
-            return torch.zeros_like(off_diagonal[..., 0]), None
-        result = torch.kthvalue(off_diagonal, (k - n + 1) // 2, dim=-1)
-        return result.values, result.indices
-
-    upper, upper_index = kth_smallest(count // 2 + 1)
-    if count % 2:
-        terms, median = [(upper_index, 1.0)], upper
-    else:
-        lower_rank, upper_rank = (count // 2 - n + 1) // 2, (count // 2 + 1 - n + 1) // 2
-        if lower_rank == upper_rank and count // 2 > n:
-            terms, median = [(upper_index, 1.0)], upper
-        else:
-            lower, lower_index = kth_smallest(count // 2)
-            terms, median = [(upper_index, 0.5), (lower_index, 0.5)], 0.5 * (upper + lower)
-    flat_weights = weights.flatten(-2)
-    for index, weight in terms:
-        if index is None:
-            continue
-        a, b = rows[index].unsqueeze(-1), cols[index].unsqueeze(-1)
-        value = torch.full(a.shape, weight, dtype=weights.dtype, device=weights.device)
-        flat_weights.scatter_add_(-1, a * n + b, value)
-        flat_weights.scatter_add_(-1, b * n + a, value)
-    return median, flat_weights.view_as(weights)
-
-
-def _repulsion_through_bandwidth_autograd(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Reference for `_repulsion_through_bandwidth`: the same quantity by autograd, as the authors form it."""
-    with torch.enable_grad():
-        x_leaf = x.detach().requires_grad_(True)
-        bandwidth_sq = median_bandwidth(pairwise_sq_distances(x_leaf))
-        kernel = rbf_kernel(pairwise_sq_distances_to(x_leaf, x.detach()), bandwidth_sq)
-        (grad,) = torch.autograd.grad(kernel.sum(), x_leaf)
-    return kernel.detach(), -grad
-
-
-def pairwise_sq_distances_to(x: Tensor, y: Tensor) -> Tensor:
-    """||x_i - y_j||^2 computed from explicit differences, exact at x_i == y_j (safe to differentiate)."""
-    return (x.unsqueeze(-2) - y.unsqueeze(-3)).square().sum(-1)
 
 
 class AmortizedGradient:
