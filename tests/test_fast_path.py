@@ -21,8 +21,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rl_helpers import synthetic_batch
 
+from vgf_prob import fast
 from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
-from vgf_prob.distributions.networks import ConditionalMLP, Workspace
+from vgf_prob.distributions.networks import ConditionalMLP
+from vgf_prob.fast.buffers import Workspace
+from vgf_prob.fast.dispatch import state as fast_state_or_make
 from vgf_prob.rl.agent import VGFAgent
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.networks import EnsembleCritic
@@ -38,6 +41,20 @@ TINY = VGFConfig(
     batch_size=BATCH,
     train_budget=2,
 )
+
+
+def fast_state(module, kind: str):
+    """The fast layer's state of ``module`` (buffers, cached weights), which a pass must have made already."""
+    found = fast_state_or_make(module, kind, lambda: None)
+    assert found is not None
+    return found
+
+
+def fused_pass(critic: EnsembleCritic):
+    """The critic's fused particle pass (differentiable wrt the particles only)."""
+    values = fast.particle_pass(critic)
+    assert values is not None
+    return values
 
 
 def perturbed_critic(hidden=(24, 20, 16), heads=3, dtype=torch.float64) -> EnsembleCritic:
@@ -64,7 +81,7 @@ def test_fused_critic_gradient_matches_autograd(aggregate: str, states: int, par
     }[aggregate]
     plain_q = critic.forward_from_encoding(encoded, x)
     (plain,) = torch.autograd.grad(combine(plain_q).sum(), x)
-    fused_q = critic.particle_values(encoded, x)
+    fused_q = fused_pass(critic)(encoded, x)
     (fused,) = torch.autograd.grad(combine(fused_q).sum(), x)
     torch.testing.assert_close(fused_q, plain_q.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
@@ -80,10 +97,10 @@ def test_fused_critic_without_grad_matches_and_float32_is_close(states: int, par
         plain = critic.forward_from_encoding(encoded, x).detach()
     with torch.no_grad():
         torch.testing.assert_close(critic.forward_from_encoding(encoded, x), plain, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(critic.particle_values(encoded, x), plain, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fused_pass(critic)(encoded, x), plain, rtol=1e-12, atol=1e-12)
     critic32 = copy.deepcopy(critic).float()
     with torch.no_grad():
-        fast32 = critic32.particle_values(encoded.float(), x.float())
+        fast32 = fused_pass(critic32)(encoded.float(), x.float())
     torch.testing.assert_close(fast32.double(), plain, rtol=1e-4, atol=1e-5)
 
 
@@ -93,8 +110,8 @@ def test_fused_critic_backward_after_another_forward_recomputes(first: int, seco
     encoded = critic.encode_obs(torch.randn(2, OBS, dtype=torch.float64)).detach()
     x1 = torch.randn(2, first, ACT, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(2, second, ACT, dtype=torch.float64, requires_grad=True)
-    q1 = critic.particle_values(encoded, x1)
-    q2 = critic.particle_values(encoded, x2)  # overwrites the saved activations of q1
+    q1 = fused_pass(critic)(encoded, x1)
+    q2 = fused_pass(critic)(encoded, x2)  # overwrites the saved activations of q1
     (g1,) = torch.autograd.grad(q1.sum(), x1)
     (g2,) = torch.autograd.grad(q2.sum(), x2)
     (ref1,) = torch.autograd.grad(critic.forward_from_encoding(encoded, x1).sum(), x1)
@@ -107,15 +124,15 @@ def test_fused_critic_sees_parameter_updates_and_survives_copies() -> None:
     critic = perturbed_critic()
     encoded = critic.encode_obs(torch.randn(2, OBS, dtype=torch.float64)).detach()
     x = torch.randn(2, 4, ACT, dtype=torch.float64, requires_grad=True)
-    critic.particle_values(encoded, x).sum().backward()  # warms the cached weights
+    fused_pass(critic)(encoded, x).sum().backward()  # warms the cached weights
     with torch.no_grad():
         critic.trunk.norms[0].weight.mul_(1.5)  # an optimiser step changes parameters in place
         critic.trunk.hidden[0].weight.add_(0.1)
-    (fused,) = torch.autograd.grad(critic.particle_values(encoded, x).sum(), x)
+    (fused,) = torch.autograd.grad(fused_pass(critic)(encoded, x).sum(), x)
     (plain,) = torch.autograd.grad(critic.forward_from_encoding(encoded, x).sum(), x)
     torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
     for clone in (copy.deepcopy(critic), pickle.loads(pickle.dumps(critic))):
-        (again,) = torch.autograd.grad(clone.particle_values(encoded, x).sum(), x)
+        (again,) = torch.autograd.grad(fused_pass(clone)(encoded, x).sum(), x)
         torch.testing.assert_close(again, plain, rtol=1e-10, atol=1e-12)
 
 
@@ -128,17 +145,18 @@ def test_mlp_inference_path_is_exact_and_reuses_buffers(layer_norm: bool) -> Non
     plain = net(context.unsqueeze(-2).expand(4, 5, OBS), inputs).detach()
     with torch.no_grad():
         first = net.forward_from_context(encoded, inputs)
-        buffers = {name: [b.data_ptr() for b in kept] for name, kept in net._workspace._buffers.items()}
+        workspace = fast_state(net, "mlp").workspace
+        buffers = {name: [b.data_ptr() for b in kept] for name, kept in workspace._buffers.items()}
         second = net.forward_from_context(encoded, inputs)
     torch.testing.assert_close(first, plain, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(second, plain, rtol=1e-12, atol=1e-12)
-    assert buffers and buffers == {name: [b.data_ptr() for b in kept] for name, kept in net._workspace._buffers.items()}
+    assert buffers and buffers == {name: [b.data_ptr() for b in kept] for name, kept in workspace._buffers.items()}
     # with grad enabled the autograd path runs (parameters get gradients)
     net(context.unsqueeze(-2).expand(4, 5, OBS), inputs).sum().backward()
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_workspace_keeps_a_few_shapes_and_copies_empty() -> None:
+def test_workspace_keeps_a_few_shapes() -> None:
     ws = Workspace()
     like = torch.zeros(1)
     a = ws.get("x", (2, 3), like)
@@ -147,7 +165,6 @@ def test_workspace_keeps_a_few_shapes_and_copies_empty() -> None:
     for n in range(Workspace.SHAPES_PER_NAME + 1):
         ws.get("x", (5 + n,), like)
     assert ws.get("x", (2, 3), like) is not a
-    assert copy.deepcopy(ws)._buffers == {} and pickle.loads(pickle.dumps(ws))._buffers == {}
 
 
 @pytest.mark.parametrize(
@@ -155,7 +172,7 @@ def test_workspace_keeps_a_few_shapes_and_copies_empty() -> None:
     [(torch.float64, 3, 5), (torch.float32, 1, 10), (torch.float32, 3, 5), (torch.float32, 8, 10)],
 )  # float32 with <= 64 rows: the Euler loop with the packed oneDNN pass inlined; otherwise reused buffers
 def test_flow_matching_sampling_is_the_same_with_and_without_the_inference_path(
-    monkeypatch, dtype: torch.dtype, states: int, particles: int
+    dtype: torch.dtype, states: int, particles: int
 ) -> None:
     torch.manual_seed(0)
     policy = FlowMatchingPolicy(OBS, ACT, hidden_dims=(16, 16), num_steps=4).to(dtype)
@@ -165,19 +182,18 @@ def test_flow_matching_sampling_is_the_same_with_and_without_the_inference_path(
     def draws() -> torch.Tensor:
         return policy(obs).sample_particles(particles, generator=torch.Generator().manual_seed(1))
 
-    fast = draws()
+    sampled = draws()
     with torch.no_grad():
         policy.velocity_net.trunk[0].weight.mul_(1.3)  # a parameter change must reach the cached pass
     fast_changed = draws()
-    with monkeypatch.context() as patch:
-        patch.setattr("vgf_prob.distributions.networks.fast_inference_allowed", lambda *a: False)
+    with fast.enabled(False):
         plain_changed = draws()
         with torch.no_grad():
             policy.velocity_net.trunk[0].weight.div_(1.3)
         plain = draws()
-    torch.testing.assert_close(fast, plain, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(sampled, plain, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(fast_changed, plain_changed, rtol=tolerance, atol=tolerance)
-    assert not torch.allclose(fast, fast_changed)
+    assert not torch.allclose(sampled, fast_changed)
 
 
 def make_batch(step: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -185,7 +201,7 @@ def make_batch(step: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
 
 
 AGENT_SETTINGS = {
-    "stein-min": dict(target_aggregation="min"),
+    "stein-min": dict(head_aggregation="min"),
     "stein-textbook-bandwidth": dict(differentiate_bandwidth=False, train_budget=3),
     "best-of-n": dict(train_budget=0),
     "amortized": dict(variant="amortized"),
@@ -194,30 +210,38 @@ AGENT_SETTINGS = {
 }
 
 
+def plain_run(switch: str) -> contextlib.AbstractContextManager:
+    """How the plain agent runs: under the process-wide switch, or built with ``fast_path=False``."""
+    return fast.enabled(False) if switch == "switch" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("switch", ["switch", "config"])
 @pytest.mark.parametrize("setting", sorted(AGENT_SETTINGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_agent_fast_and_plain_paths_give_the_same_losses(setting: str, dtype: torch.dtype) -> None:
+def test_agent_fast_and_plain_paths_give_the_same_losses(setting: str, dtype: torch.dtype, switch: str) -> None:
     torch.manual_seed(0)
     config = TINY.replace(**AGENT_SETTINGS[setting])
-    fast = VGFAgent(OBS, ACT, config, dtype=dtype)
-    plain = VGFAgent(OBS, ACT, config.replace(fast_path=False), dtype=dtype)
-    plain.load_state_dict(fast.state_dict())
+    fast_agent = VGFAgent(OBS, ACT, config, dtype=dtype)
+    plain_agent = VGFAgent(OBS, ACT, config.replace(fast_path=switch == "switch"), dtype=dtype)
+    plain_agent.load_state_dict(fast_agent.state_dict())
     rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-9, 1e-10)
     g_fast, g_plain = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     for step in range(3):
         batch = make_batch(step, dtype)
-        info_fast, info_plain = fast.update(batch, g_fast), plain.update(batch, g_plain)
+        info_fast = fast_agent.update(batch, g_fast)
+        with plain_run(switch):
+            info_plain = plain_agent.update(batch, g_plain)
         assert info_fast.keys() == info_plain.keys()
         for key in info_fast:
             torch.testing.assert_close(info_fast[key], info_plain[key], rtol=rtol, atol=atol, msg=key)
-    for p_fast, p_plain in zip(fast.parameters(), plain.parameters()):
+    for p_fast, p_plain in zip(fast_agent.parameters(), plain_agent.parameters()):
         torch.testing.assert_close(p_fast, p_plain, rtol=rtol, atol=atol)
     obs = torch.randn(6, OBS, dtype=dtype)
     for budget in (0, 1, 3):
-        torch.testing.assert_close(
-            fast.act(obs, budget=budget, generator=torch.Generator().manual_seed(1)),
-            plain.act(obs, budget=budget, generator=torch.Generator().manual_seed(1)), rtol=rtol, atol=atol,
-        )
+        acted = fast_agent.act(obs, budget=budget, generator=torch.Generator().manual_seed(1))
+        with plain_run(switch):
+            reference = plain_agent.act(obs, budget=budget, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(acted, reference, rtol=rtol, atol=atol)
 
 
 def test_bfloat16_autocast_runs_the_fused_passes_in_bfloat16_close_to_float32() -> None:
@@ -225,18 +249,19 @@ def test_bfloat16_autocast_runs_the_fused_passes_in_bfloat16_close_to_float32() 
     encoded = critic.encode_obs(torch.randn(4, OBS)).detach()
     x = torch.rand(4, 8, ACT) * 2 - 1
     x32 = x.clone().requires_grad_()
-    (g32,) = torch.autograd.grad(critic.particle_values(encoded, x32).mean(-1).sum(), x32)
+    (g32,) = torch.autograd.grad(fused_pass(critic)(encoded, x32).mean(-1).sum(), x32)
     x16 = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        q16 = critic.particle_values(encoded, x16)
+        q16 = fused_pass(critic)(encoded, x16)
         (g16,) = torch.autograd.grad(q16.mean(-1).sum(), x16)
     assert q16.dtype == torch.float32 and g16.dtype == torch.float32
-    assert critic._fused_passes.saved_dtype == torch.bfloat16
+    q32 = fused_pass(critic)(encoded, x)
+    assert 1e-5 < (q16 - q32).abs().max() < 0.1  # computed in bfloat16 (about 3 significant digits)
     assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.97
     net = ConditionalMLP(OBS, ACT, ACT, hidden_dims=(16, 16), layer_norm=True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = net.forward_from_context(net.encode_context(torch.randn(3, OBS)).unsqueeze(-2), torch.randn(3, 5, ACT))
-    assert fast.dtype == torch.bfloat16
+        result = net.forward_from_context(net.encode_context(torch.randn(3, OBS)).unsqueeze(-2), torch.randn(3, 5, ACT))
+    assert result.dtype == torch.bfloat16
 
 
 def test_bfloat16_agent_trains_and_acts() -> None:
@@ -258,45 +283,29 @@ def test_mlp_inference_float32_small_and_large_row_counts(rows: tuple[int, int])
         plain = net(context.unsqueeze(-2).expand(*rows, OBS), inputs).detach()
         with torch.no_grad():
             for _ in range(2):  # the second call reuses packed weights / buffers
-                fast = net.forward_from_context(net.encode_context(context).unsqueeze(-2), inputs)
-                torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+                result = net.forward_from_context(net.encode_context(context).unsqueeze(-2), inputs)
+                torch.testing.assert_close(result, plain, rtol=1e-5, atol=1e-5)
             net.trunk[0].weight.add_(0.5)  # a parameter change must be seen (repacked)
             plain = net(context.unsqueeze(-2).expand(*rows, OBS), inputs)
             torch.testing.assert_close(net.forward_from_context(net.encode_context(context).unsqueeze(-2), inputs),
                                        plain, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 9, 10, 11])
-def test_closed_form_stein_repulsion_matches_the_autograd_reference(n: int) -> None:
-    from vgf_prob.flows.fields import _repulsion_through_bandwidth, _repulsion_through_bandwidth_autograd
-
-    torch.manual_seed(n)
-    x = torch.rand(32, n, ACT, dtype=torch.float64) * 2 - 1
-    x[0] = x[0, :1]  # a collapsed cloud (bandwidth at its floor)
-    x[1, : min(n, 3)] = x[1, :1]  # some equal particles (ties in the median)
-    kernel, repulsion = _repulsion_through_bandwidth(x)
-    ref_kernel, ref_repulsion = _repulsion_through_bandwidth_autograd(x)
-    torch.testing.assert_close(kernel, ref_kernel, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(repulsion, ref_repulsion, rtol=1e-9, atol=1e-9)
-    kernel32, repulsion32 = _repulsion_through_bandwidth(x.float())
-    torch.testing.assert_close(repulsion32.double(), ref_repulsion, rtol=1e-4, atol=1e-4)
-
-
 def test_inference_mode_acting_matches_the_plain_path_and_training_goes_on() -> None:
     torch.manual_seed(0)
-    fast = VGFAgent(OBS, ACT, TINY)
-    plain = VGFAgent(OBS, ACT, TINY.replace(fast_path=False))
-    plain.load_state_dict(fast.state_dict())
+    fast_agent = VGFAgent(OBS, ACT, TINY)
+    plain_agent = VGFAgent(OBS, ACT, TINY.replace(fast_path=False))
+    plain_agent.load_state_dict(fast_agent.state_dict())
     obs = torch.randn(6, OBS)
     with torch.inference_mode():  # buffers first allocated inside inference mode must serve normal mode later
-        acted = fast.act(obs, budget=0, generator=torch.Generator().manual_seed(3))
-        reference = plain.act(obs, budget=0, generator=torch.Generator().manual_seed(3))
+        acted = fast_agent.act(obs, budget=0, generator=torch.Generator().manual_seed(3))
+        reference = plain_agent.act(obs, budget=0, generator=torch.Generator().manual_seed(3))
         with pytest.raises(RuntimeError, match="inference_mode"):  # a flow needs value gradients
-            fast.act(obs, budget=2)
+            fast_agent.act(obs, budget=2)
     torch.testing.assert_close(acted, reference, rtol=1e-4, atol=1e-5)
-    info = fast.update(make_batch(0), torch.Generator().manual_seed(0))
+    info = fast_agent.update(make_batch(0), torch.Generator().manual_seed(0))
     assert all(torch.isfinite(v) for v in info.values())
-    fast.act(obs, budget=2)
+    fast_agent.act(obs, budget=2)
 
 
 class HostReads(TorchDispatchMode):

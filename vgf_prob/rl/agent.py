@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vgf_prob import fast
 from vgf_prob.budget import Budget, StepBudget, as_budget
 from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
 from vgf_prob.distributions.gaussian import GaussianPolicy
@@ -102,14 +103,16 @@ class VGFAgent(nn.Module):
     def particle_fn(self, network: nn.Module, obs: Tensor) -> ParticleFn:
         """``fn(obs, x [B, N, A])`` evaluating ``network`` (critic or f) at particles of the states ``obs [B, O]``.
 
-        Fast path: the state part of the first layer is encoded once here and reused by every call (all
-        particles, all flow steps). Plain path: concat(obs, x) through the whole network at every call.
+        Fast path (``config.fast_path`` and `vgf_prob.fast` enabled): the state part of the first layer is
+        encoded once here and reused by every call (all particles, all flow steps), through the critic's fused
+        pass where `vgf_prob.fast.particle_pass` serves the network. Plain path: concat(obs, x) through the
+        whole network at every call.
         """
-        if self.config.fast_path:
+        if self.config.fast_path and fast.is_enabled():
             with torch.no_grad():
                 encoded = network.encode_obs(obs)
-            # the critic's fused pass: Q at particles, differentiable wrt the particles only
-            at_particles = getattr(network, "particle_values", network.forward_from_encoding)
+            # the fused pass: Q at particles, differentiable wrt the particles only; else the model's forward
+            at_particles = fast.particle_pass(network) or network.forward_from_encoding
 
             def network_at(_: Tensor | None, x: Tensor) -> Tensor:
                 return at_particles(encoded, x)
@@ -119,7 +122,7 @@ class VGFAgent(nn.Module):
                 return network(states.unsqueeze(-2).expand(*x.shape[:-1], states.shape[-1]), x)
 
         def fn(states: Tensor | None, x: Tensor) -> Tensor:
-            with self._autocast():
+            with self._autocast(), self._fast_switch():
                 return network_at(states, x).to(x.dtype)
 
         return fn
@@ -129,7 +132,7 @@ class VGFAgent(nn.Module):
     ) -> Tensor:
         """x^0_i ~ mu(. | s): ``[B, N, A]`` draws from the BC reference, without a graph (``validate=False``:
         no check that reads a value back to the host)."""
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), self._fast_switch():
             particles = self.reference(obs, validate=validate).sample_particles(num_particles, generator=generator)
         return particles.to(obs.dtype)
 
@@ -345,6 +348,11 @@ class VGFAgent(nn.Module):
         if not self.config.flow_autocast_bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _fast_switch(self) -> contextlib.AbstractContextManager:
+        """`vgf_prob.fast` switched off while the networks run when ``config.fast_path`` is False (BC sampling
+        included), else a no-op context (the process-wide switch then decides)."""
+        return contextlib.nullcontext() if self.config.fast_path else fast.enabled(False)
 
     def _compile_networks(self) -> None:
         """torch.compile the MLP bodies in place (parameter names, hence checkpoints, are unchanged)."""
