@@ -1,6 +1,6 @@
 """The paper's Stein step against the authors' own output, and against a reference written from the spec.
 
-`../shared/parity/svgd_parity.npz` holds the particles and fields that the authors' unmodified SVGD_VGF class
+`tests/data/svgd_parity.npz` (a copy of `../shared/parity/svgd_parity.npz`) holds the particles and fields that the authors' unmodified SVGD_VGF class
 (ryanxhr/vgf, JAX) produced on a fixed problem (README next to it). `spec_phi` below is an autograd
 implementation of REFERENCE.md section 2, steps 1-5, written from the text, not from vgf_prob's closed form:
 it is the independent check on problems other than the stored one (other N, odd N*N, other alpha and lr,
@@ -20,15 +20,14 @@ import vgf_prob as vgf
 from vgf_prob.rl.agent import VGFAgent
 from vgf_prob.rl.config import preset
 
-PARITY_FILE = Path(__file__).resolve().parents[1] / ".." / "shared" / "parity" / "svgd_parity.npz"
-LOCAL_COPY = Path(__file__).resolve().parent / "data" / "svgd_parity.npz"
+# a copy of shared/parity/svgd_parity.npz (its README beside it), so that a clean clone tests on its own
+PARITY_FILE = Path(__file__).resolve().parent / "data" / "svgd_parity.npz"
 ALPHA, LR, STEPS = 0.5, 0.1, 3
 
 
 @pytest.fixture(scope="module")
 def parity() -> dict[str, np.ndarray]:
-    path = PARITY_FILE if PARITY_FILE.exists() else LOCAL_COPY
-    with np.load(path) as data:
+    with np.load(PARITY_FILE) as data:
         return dict(data)
 
 
