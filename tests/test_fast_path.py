@@ -201,7 +201,7 @@ def make_batch(step: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
 
 
 AGENT_SETTINGS = {
-    "stein-min": dict(head_aggregation="min"),
+    "stein-min": dict(target_aggregation="min"),
     "stein-textbook-bandwidth": dict(differentiate_bandwidth=False, train_budget=3),
     "best-of-n": dict(train_budget=0),
     "amortized": dict(variant="amortized"),
