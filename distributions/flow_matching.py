@@ -208,18 +208,20 @@ class ParameterSnapshot:
         self.tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
         self.versions = {name: _version(t) for name, t in self.tensors.items()}
 
-    def is_live(self) -> bool:
-        """Whether the snapshot's tensors are the network's current ones (then run the network directly)."""
-        current = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
-        if current.keys() != self.tensors.keys() or any(current[k] is not t for k, t in self.tensors.items()):
-            return False
+    def check_unchanged(self) -> None:
+        """Raise if a snapshot tensor was changed in place since the snapshot was taken."""
         changed = [name for name, t in self.tensors.items() if _version(t) != self.versions[name]]
         if changed:
             raise RuntimeError(
                 f"the policy's parameters ({', '.join(changed[:3])}...) changed in place after this distribution "
                 "was built (e.g. an optimiser step); build a new one with policy(obs)"
             )
-        return True
+
+    def is_live(self) -> bool:
+        """Whether the snapshot's tensors are the network's current ones (then run the network directly)."""
+        self.check_unchanged()
+        current = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
+        return current.keys() == self.tensors.keys() and all(current[k] is t for k, t in self.tensors.items())
 
     def __call__(self, context: Tensor, inputs: Tensor) -> Tensor:
         """The network's plain ``forward(context, inputs)`` evaluated with the snapshot's tensors."""
@@ -393,6 +395,7 @@ class FlowMatchingDistribution(TorchDistribution):
     # ---------------------------------------------------------------------------------------------- density
 
     def _check_density(self) -> None:
+        self.snapshot.check_unchanged()
         if self.spec.clip:
             raise NotImplementedError(
                 "bound='clip' puts probability mass on the faces of the action box, so the law has no density: "

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import torch
 from pyro.distributions import Independent, Normal, TorchDistribution
 from torch import Tensor, nn
+from torch.distributions import Distribution
 
 from .networks import check_obs, mlp
 
@@ -96,7 +97,8 @@ class GaussianPolicy(nn.Module):
 
     def forward(self, obs: Tensor, validate: bool = True) -> DiagonalNormal:
         """The Gaussian at ``obs [*B, O]``; ``validate=False`` skips the checks that read values back to the host
-        (NaN/inf in ``obs``, the distribution's argument validation)."""
+        (NaN/inf in ``obs``, the distribution's argument validation), as ``pyro.validation_enabled(False)`` does."""
+        validate = validate and Distribution._validate_args
         check_obs(obs, self.obs_dim, check_values=validate)
         out = self.net(obs)
         if self.state_dependent_std:

@@ -1,5 +1,6 @@
 """Tests for the reference/target distributions in vgf_prob.distributions."""
 
+import copy
 import math
 
 import pytest
@@ -461,3 +462,262 @@ def test_mixture_errors() -> None:
         MixtureReference(torch.zeros(3, 2), 0.0)
     with pytest.raises(ValueError, match=r"logits must have shape \[3\]"):
         MixtureReference(torch.zeros(3, 2), 1.0, logits=torch.zeros(2))
+
+
+# ------------------------------------------------------------------------- flow-matching: density of the sampler
+
+
+def _euler_linear_law(obs_weight: Tensor, matrix: Tensor, bias: Tensor, time_weight: Tensor, obs: Tensor,
+                      steps: int) -> torch.distributions.MultivariateNormal:
+    """Law of K Euler steps of v = M x + c + w t from x_0 ~ N(0, I), by hand: x_{k+1} = (I + M/K) x_k + (c + w k/K)/K
+    is affine, so x_K = P x_0 + q with P = (I + M/K)^K is N(q, P P^T)."""
+    step = torch.eye(matrix.shape[0], dtype=matrix.dtype) + matrix / steps
+    shift = torch.zeros(obs.shape[0], matrix.shape[0], dtype=matrix.dtype)
+    for k in range(steps):
+        shift = shift @ step.T + (obs @ obs_weight.T + bias + time_weight * k / steps) / steps
+    transfer = torch.linalg.matrix_power(step, steps)
+    return torch.distributions.MultivariateNormal(shift, covariance_matrix=transfer @ transfer.T)
+
+
+def test_euler_log_prob_is_the_density_of_the_euler_samples() -> None:
+    """For v = M x + c + w t the Euler sampler's law is Gaussian in closed form (not the ODE's e^M): log_prob must
+    equal that Gaussian, and the samples must have its mean and covariance."""
+    generator = torch.Generator().manual_seed(0)
+    obs_weight = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+    matrix = torch.tensor([[2.0, 0.5], [-0.3, 1.0]], dtype=torch.float64)  # steep: Euler's law is far from e^M's
+    bias = torch.randn(2, generator=generator, dtype=torch.float64)
+    time_weight = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    policy = _linear_flow(obs_weight, matrix, bias, num_steps=10)
+    with torch.no_grad():
+        policy.velocity_net.first.weight[:, -1] = time_weight
+    obs = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    law = _euler_linear_law(obs_weight, matrix, bias, time_weight, obs, 10)
+    dist = policy(obs)
+    points = law.sample((6,))
+    torch.testing.assert_close(dist.log_prob(points), law.log_prob(points), rtol=1e-10, atol=1e-10)
+    samples = dist.sample((20000,))
+    torch.testing.assert_close(samples.mean(0), law.mean, atol=0.1 * law.stddev.max().item(), rtol=0)
+    covariance = torch.einsum("sbi,sbj->bij", samples - law.mean, samples - law.mean) / 20000
+    torch.testing.assert_close(covariance, law.covariance_matrix, rtol=0.05, atol=0.05 * law.variance.max().item())
+
+
+def test_euler_log_prob_of_a_steep_1d_field() -> None:
+    """v = 2x, 10 Euler steps: x_K = 1.2^10 x_0 (std 6.19, where the ODE would give e^2 = 7.39)."""
+    policy = _linear_flow(torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), 2.0, dtype=torch.float64),
+                          torch.zeros(1, dtype=torch.float64), num_steps=10)
+    dist = policy(torch.zeros(1, dtype=torch.float64))
+    scale = 1.2**10
+    grid = torch.linspace(-20, 20, 9, dtype=torch.float64).unsqueeze(-1)
+    expected = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), scale).log_prob(grid[:, 0])
+    torch.testing.assert_close(dist.log_prob(grid), expected, rtol=1e-12, atol=1e-12)
+    assert dist.sample((4000,)).std().item() == pytest.approx(scale, rel=0.05)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(method="rk4", density_steps=8)], ids=["euler", "rk4"])
+def test_flow_log_prob_of_a_value_does_not_depend_on_its_batch_mates(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    policy = FlowMatchingPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(16, 16), bound="none", **kwargs).double()
+    obs = torch.randn(OBS_DIM, dtype=torch.float64)
+    values = 2 * torch.randn(9, ACTION_DIM, dtype=torch.float64)
+    together = policy(obs.expand(9, OBS_DIM)).log_prob(values)
+    alone = torch.stack([policy(obs).log_prob(v) for v in values])
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(bound="none"), dict(bound="tanh"), dict(bound="none", method="rk4")],
+                         ids=["euler", "euler-tanh", "rk4"])
+def test_rsample_and_log_prob_agree_with_log_prob(kwargs: dict) -> None:
+    """One pass gives (x, log p(x)); log_prob of a copy of x (inverted from scratch) gives the same number, and
+    log_prob of the last rsample's own output (its cached path) the same number and the same pathwise gradient
+    d/dtheta log q_theta(x_theta(eps)) as rsample_and_log_prob from the same noise (a reparameterised ELBO's)."""
+    torch.manual_seed(0)
+    policy = FlowMatchingPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(16, 16), **kwargs).double()
+    dist = policy(torch.randn(3, OBS_DIM, dtype=torch.float64))
+    weight = policy.velocity_net.first.weight
+    torch.manual_seed(1)
+    x, log_p = dist.rsample_and_log_prob((2,))
+    assert x.shape == (2, 3, ACTION_DIM) and log_p.shape == (2, 3)
+    tol = dict(rtol=1e-6, atol=1e-6) if "method" in kwargs else dict(rtol=1e-9, atol=1e-9)  # rk4: density ODE vs map
+    torch.testing.assert_close(dist.log_prob(x.detach().clone()), log_p, **tol)
+    (one_pass,) = torch.autograd.grad(log_p.sum(), weight)
+    torch.manual_seed(1)
+    sample = dist.rsample((2,))
+    torch.testing.assert_close(sample, x)
+    cached = dist.log_prob(sample)
+    torch.testing.assert_close(cached, log_p, **tol)
+    (pathwise,) = torch.autograd.grad(cached.sum(), weight)
+    torch.testing.assert_close(pathwise, one_pass, **tol)
+
+
+def test_euler_log_prob_gradients_match_finite_differences() -> None:
+    """d log p / d value (used by NUTS) and d log p / d theta (maximum likelihood) through the Newton inversion."""
+    torch.manual_seed(0)
+    policy = FlowMatchingPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(16, 16), bound="none").double()
+    obs = torch.randn(OBS_DIM, dtype=torch.float64)
+    value = torch.randn(ACTION_DIM, dtype=torch.float64, requires_grad=True)
+    (grad_value,) = torch.autograd.grad(policy(obs).log_prob(value), value)
+    weight = policy.velocity_net.trunk[0].weight
+    (grad_weight,) = torch.autograd.grad(policy(obs).log_prob(value.detach()), weight)
+    eps = 1e-6
+    for i in range(ACTION_DIM):
+        step = torch.zeros(ACTION_DIM, dtype=torch.float64)
+        step[i] = eps
+        with torch.no_grad():
+            numeric = (policy(obs).log_prob(value + step) - policy(obs).log_prob(value - step)) / (2 * eps)
+        assert grad_value[i].item() == pytest.approx(numeric.item(), rel=1e-5, abs=1e-7)
+    with torch.no_grad():
+        weight[0, 0] += eps
+        up = policy(obs).log_prob(value)
+        weight[0, 0] -= 2 * eps
+        down = policy(obs).log_prob(value)
+        weight[0, 0] += eps
+    assert grad_weight[0, 0].item() == pytest.approx(((up - down) / (2 * eps)).item(), rel=1e-5, abs=1e-7)
+
+
+def test_euler_log_prob_refuses_a_folding_step() -> None:
+    """v = -20 x with 10 steps: each step multiplies by 1 - 2 = -1 (det < 0), the map is not orientation-preserving."""
+    policy = _linear_flow(torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), -20.0, dtype=torch.float64),
+                          torch.zeros(1, dtype=torch.float64), num_steps=10)
+    with pytest.raises(ValueError, match="not invertible.*num_steps"):
+        policy(torch.zeros(1, dtype=torch.float64)).log_prob(torch.ones(1, dtype=torch.float64))
+
+
+def test_clipped_flow_has_no_density_and_says_what_to_use() -> None:
+    policy = FlowMatchingPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(8,))
+    dist = policy(torch.randn(3, OBS_DIM))
+    sample = dist.sample()
+    assert dist.support.check(sample).all()
+    with pytest.raises(NotImplementedError, match="bound='tanh'"):
+        dist.log_prob(sample)
+    with pytest.raises(NotImplementedError, match="bound='tanh'"):
+        dist.rsample_and_log_prob()
+
+
+def test_tanh_flow_stays_in_the_box_and_its_density_normalises() -> None:
+    """a = c + h tanh(z) on the box [-0.5, 1.5]: samples inside, density integrates to 1 over the box, and the BC
+    target of an action is z = atanh((a - c) / h)."""
+    torch.manual_seed(0)
+    policy = FlowMatchingPolicy(1, 1, hidden_dims=(16, 16), bound="tanh", action_low=-0.5, action_high=1.5).double()
+    dist = policy(torch.zeros(1, dtype=torch.float64))
+    samples = dist.sample((2000,))
+    assert samples.min() > -0.5 and samples.max() < 1.5
+    grid = torch.linspace(-0.5, 1.5, 4001, dtype=torch.float64)[1:-1]
+    with torch.no_grad():
+        density = dist.log_prob(grid.unsqueeze(-1)).exp()
+    assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=2e-3)
+    actions = torch.tensor([[-0.5], [0.5], [1.0]], dtype=torch.float64)
+    expected = torch.atanh(torch.tensor([[-1 + 1e-6], [0.0], [0.5]], dtype=torch.float64))
+    torch.testing.assert_close(policy.flow_target(actions), expected)
+
+
+def test_flow_distribution_is_a_snapshot_of_the_parameters() -> None:
+    """Built inside functional_call it uses the substituted parameters; an in-place change after it was built is
+    an error; copies (deepcopy, pyro's deep_to) evaluate their own tensors and leave the policy alone."""
+    from pyro.distributions.util import deep_to
+
+    torch.manual_seed(0)
+    policy = FlowMatchingPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(8,), bound="none")
+    other = FlowMatchingPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(8,), bound="none")
+    obs = torch.randn(3, OBS_DIM)
+    values = torch.randn(3, ACTION_DIM)
+    substituted = {f"velocity_net.{k}": v for k, v in other.velocity_net.named_parameters()}
+    built_inside = torch.func.functional_call(policy, substituted, (obs,))
+    torch.testing.assert_close(built_inside.log_prob(values), other(obs).log_prob(values))
+    draw = built_inside.sample_particles(5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draw, other(obs).sample_particles(5, torch.Generator().manual_seed(0)))
+
+    dist = policy(obs)
+    reference = dist.log_prob(values)
+    as_double = deep_to(dist, torch.float64)
+    assert policy.velocity_net.first.weight.dtype == torch.float32
+    torch.testing.assert_close(as_double.log_prob(values.double()), reference.double(), rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(dist)
+    with torch.no_grad():
+        policy.velocity_net.first.weight.add_(1.0)
+    torch.testing.assert_close(copied.log_prob(values), reference)
+    with pytest.raises(RuntimeError, match="changed in place.*policy\\(obs\\)"):
+        dist.log_prob(values)
+
+
+def test_flow_moments_say_how_to_estimate_them() -> None:
+    dist = FlowMatchingPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(8,), bound="none")(torch.randn(2, OBS_DIM))
+    for name in ("mean", "variance"):
+        with pytest.raises(NotImplementedError, match=r"dist.sample\(\(n,\)\)"):
+            getattr(dist, name)
+    with pytest.raises(NotImplementedError, match="rsample_and_log_prob"):
+        dist.entropy()
+
+
+def test_policy_observes_pyro_validation_switch() -> None:
+    import pyro
+
+    policy = FlowMatchingPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(8,))
+    nan_obs = torch.full((2, OBS_DIM), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        policy(nan_obs)
+    with pytest.raises(ValueError, match="NaN"):
+        GaussianPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(8,))(nan_obs)
+    with pyro.validation_enabled(False):
+        assert policy(nan_obs).batch_shape == (2,)
+        assert GaussianPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(8,))(nan_obs).batch_shape == (2,)
+
+
+# ---------------------------------------------------------------------------------------------- Boltzmann
+
+
+def test_boltzmann_log_prob_scores_each_sample_against_its_own_state() -> None:
+    """sample((k,)) with k = the batch size: value [i, j] belongs to state j (pyro's layout), never to state i."""
+    torch.manual_seed(0)
+    obs = torch.randn(3, OBS_DIM)
+    base = MixtureReference(torch.randn(3, ACTION_DIM), 0.7)(obs)
+    target = Boltzmann(two_head_value, obs, 0.5, base=base, num_proposals=32)
+    samples = target.sample((3,))
+    assert samples.shape == (3, 3, ACTION_DIM)
+    by_hand = torch.empty(3, 3)
+    for i in range(3):
+        for j in range(3):
+            q = two_head_value(obs[j], samples[i, j].view(1, ACTION_DIM)).mean(-1)[0]
+            by_hand[i, j] = q / 0.5 + base.log_prob(samples[i, j])[j]
+    torch.testing.assert_close(target.log_prob(samples), by_hand)
+    broadcast = target.log_prob(samples[:, :1])  # a batch dim of size 1 broadcasts against the states
+    assert broadcast.shape == (3, 3)
+
+
+def test_boltzmann_samples_are_independent_draws() -> None:
+    """Each draw resamples its own pool of proposals: 2000 draws from a continuous base are all distinct (one
+    shared pool of 64 would give at most 64 distinct values), and their moments match the product Gaussian
+    N((2c + m) / 3, I / 3) of Q = -||a - c||^2 / 2, alpha = 0.5, mu = N(m, I)."""
+    obs = torch.tensor([[0.5, -0.5]])
+    base = DiagonalNormal(torch.tensor([[0.0, 0.5]]), torch.ones(1, 2))
+
+    def quadratic(obs: Tensor, actions: Tensor) -> Tensor:
+        return -0.5 * (actions - obs.unsqueeze(-2)).square().sum(-1)
+
+    torch.manual_seed(0)
+    draws = Boltzmann(quadratic, obs, 0.5, base=base, num_proposals=64).sample((2000,))
+    assert draws.unique(dim=0).shape[0] == 2000
+    # SIR with 64 proposals is biased by O(1/64); 2000 draws add a standard error of ~0.013
+    torch.testing.assert_close(draws.mean(0), (2 * obs + base.base_dist.loc) / 3, atol=0.06, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- particles
+
+
+def test_particle_policy_scores_vectorised_values_and_enumerates_its_particles() -> None:
+    from vgf_prob.distributions import ParticlePolicy, TransportReport
+
+    particles = torch.randn(2, 4, 3)
+    log_weights = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    report = TransportReport(torch.ones(2), torch.zeros(2), torch.zeros(2, dtype=torch.bool), {"w2": torch.ones(2)})
+    policy = ParticlePolicy(particles, log_weights, report=report, validate_args=True)
+    assert policy.support.event_dim == 1 and policy.sample([5, 2]).shape == (5, 2, 2, 3)
+    support = policy.enumerate_support()
+    assert support.shape == (4, 2, 3)
+    expected = torch.softmax(log_weights, -1).T  # [N, B]: the weight of particle i in state b
+    torch.testing.assert_close(policy.log_prob(support).exp(), expected)
+    assert policy.log_prob(torch.zeros(7, 2, 3)).eq(-math.inf).all()
+    expanded = policy.expand((5, 2))
+    assert expanded.report.steps.shape == (5, 2) and expanded.report.budget_spent["w2"].shape == (5, 2)
+    assert expanded._validate_args is True
+    with pytest.raises(ValueError, match="distinct particles"):
+        ParticlePolicy(torch.zeros(1, 2, 3)).enumerate_support()
