@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vgf-prob", description="Value Gradient Flow: behaviour-regularised RL as budgeted optimal transport."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,data,llm}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sweep,data,llm}")
 
     tr = sub.add_parser("train", help="train a VGF agent offline (no arguments: the quick start)",
                         description="Train a VGF agent. Without --dataset: the quick-start job.")  # fmt: skip
@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+    from vgf_prob.rl.sweep import add_arguments as add_sweep_arguments  # no Ray import
+
+    add_sweep_arguments(sub.add_parser("sweep", help="a recipe's runs as Ray Tune trials (needs the [sweep] extra)",
+                                       description="Run a recipe's runs in parallel with Ray Tune, here or on a cluster."))  # fmt: skip
 
     da = sub.add_parser("data", help="generate or inspect datasets")
     dsub = da.add_subparsers(dest="data_command", required=True)
@@ -149,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _train(args)
         elif args.command == "eval":
             _eval(args)
+        elif args.command == "sweep":
+            _sweep(args)
         elif args.data_command == "generate":
             _generate(args)
         else:
@@ -445,6 +452,17 @@ def budget_sweep_rows(
     bc = evaluate(bc_act, env_name, episodes, seed, device=agent.device, progress=progress,
                   env_kwargs=env_kwargs)
     return rows, {"score": bc.score, "std": bc.score_std, "mean_return": bc.mean_return}
+
+
+# ============================================================================================== sweep
+def _sweep(args: argparse.Namespace) -> None:
+    from vgf_prob.rl.recipes import RecipeError
+    from vgf_prob.rl.sweep import run_from_args
+
+    try:
+        run_from_args(args)
+    except RecipeError as err:
+        raise CLIError(str(err)) from err
 
 
 # ============================================================================================== data
