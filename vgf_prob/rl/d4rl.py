@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vgf_prob.rl.offline_dataset import OfflineDataset, check_finite
+from vgf_prob.rl.offline_dataset import OfflineDataset, check_finite, check_numeric
 
 D4RL_ACTION_BOUND = 1.0 - 1e-5
 LOCOMOTION_TASKS = ("hopper", "halfcheetah", "walker2d")
@@ -85,21 +85,35 @@ def load_d4rl_hdf5(
     if not path.is_file():
         raise FileNotFoundError(f"D4RL HDF5 file not found: {path}")
     mode = _reward_mode(reward_scale, env_name)
-    with h5py.File(path, "r") as f:
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{path} is not an HDF5 file (no HDF5 signature); D4RL datasets are HDF5 files")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:  # a damaged HDF5 file: h5py's message does not name it
+        raise ValueError(f"{path}: cannot read this HDF5 file ({err})") from err
+    with f:
         missing = [k for k in _REQUIRED if k not in f]
         if missing:
             raise ValueError(f"{path}: missing required key(s) {missing}; top-level keys: {sorted(f.keys())}")
+        not_arrays = [k for k in (*_REQUIRED, "next_observations") if k in f and not isinstance(f[k], h5py.Dataset)]
+        if not_arrays:
+            raise ValueError(f"{path}: {not_arrays} must be arrays (HDF5 datasets), not groups")
         raw = {k: f[k][()] for k in _REQUIRED}
         if "next_observations" in f:
             raw["next_observations"] = f["next_observations"][()]
         file_meta = _scalars(f["metadata"]) if "metadata" in f else {}
         info_keys = sorted(f["infos"].keys()) if "infos" in f else []
+    for k, v in raw.items():
+        check_numeric(f"{path}: {k}", v)
     lengths = {k: len(v) for k, v in raw.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"{path}: length mismatch between keys: {lengths}")
     for k, v in raw.items():  # before reward scaling spreads a NaN over every reward
         check_finite(k, v)
-    data = _qlearning(raw)
+    try:
+        data = _qlearning(raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
     factor, shift = _reward_transform(data["rewards"], data["terminals"], mode)
     data["rewards"] = factor * data["rewards"] + shift
     metadata = {
@@ -167,6 +181,11 @@ def _qlearning(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     else:
         next_obs = np.concatenate([obs[1:], obs[-1:]])  # the final row is dropped below
         keep = ~timeouts & (np.arange(n) < n - 1)
+    if not keep.any():
+        raise ValueError(
+            f"no usable transitions: {int(timeouts.sum())} of the {n} steps end an episode by timeout (their "
+            "successor belongs to the next episode, so D4RL drops them) and no other step is left"
+        )
     episode = np.cumsum(terminals | timeouts) - (terminals | timeouts)  # episode index of each raw step
     ended_by_timeout = np.zeros(episode[-1] + 1, dtype=bool)
     ended_by_timeout[episode[timeouts]] = True

@@ -263,6 +263,15 @@ class OfflineDataset:
         }
 
 
+def check_numeric(key: str, values: ArrayLike) -> None:
+    """Raise ValueError naming ``key`` when ``values`` are not numbers (e.g. byte strings or objects)."""
+    if isinstance(values, Tensor):
+        return
+    dtype = np.asarray(values).dtype
+    if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+        raise ValueError(f"{key}: expected numbers, got an array of dtype {dtype}")
+
+
 def check_finite(key: str, values: ArrayLike) -> None:
     """Raise ValueError naming ``key`` and how many entries of ``values`` are NaN or inf."""
     values = torch.as_tensor(values)
@@ -276,9 +285,11 @@ def _as_tensor(key: str, value: ArrayLike) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach()
     try:
-        return torch.as_tensor(np.asarray(value))
+        array = np.asarray(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{key}: cannot convert {type(value).__name__} to a tensor ({err})") from err
+        raise ValueError(f"{key}: cannot convert {type(value).__name__} to an array ({err})") from err
+    check_numeric(key, array)
+    return torch.as_tensor(array)
 
 
 def _validate(data: Mapping[str, ArrayLike], *, expected_action_dim: int | None) -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ import torch
 from vgf_prob.rl.offline_dataset import OfflineDataset
 
 DEFAULT_OGBENCH_DIR = "~/.ogbench/data"
+OGBENCH_ARRAYS = ("observations", "actions", "terminals")  # what every OGBench dataset file holds
 _VERSION = re.compile(r"^v\d+$")
 _TASK = re.compile(r"^task\d+$")
 
@@ -93,9 +95,18 @@ def load_ogbench(
             )
     if str(path).count(".npz") != 1:  # ogbench finds the val file with str.replace('.npz', '-val.npz')
         raise ValueError(f"{path}: the path may contain '.npz' only once, as the file suffix")
-    env, train, val = ogbench.make_env_and_datasets(
-        single, dataset_path=str(path), compact_dataset=False, success_timing=success_timing, **env_kwargs
-    )
+    arrays = _check_npz(path)
+    _check_npz(val_path)
+    try:
+        env, train, val = ogbench.make_env_and_datasets(
+            single, dataset_path=str(path), compact_dataset=False, success_timing=success_timing, **env_kwargs
+        )
+    except KeyError as err:  # the single-task relabelling reads arrays such as qpos / button_states
+        raise ValueError(
+            f"{path}: OGBench's loader needs the array {err.args[0]!r}, which the file lacks (it holds {arrays})"
+        ) from err
+    except ValueError as err:  # e.g. arrays of strings that do not convert to float32
+        raise ValueError(f"{path}: {err}") from err
     metadata = {"source": "ogbench", "path": str(path), "env_name": single, "success_timing": success_timing}
     datasets = tuple(
         OfflineDataset(
@@ -109,3 +120,20 @@ def load_ogbench(
         return (*datasets, env)
     env.close()
     return datasets
+
+
+def _check_npz(path: Path) -> list[str]:
+    """The array names of an OGBench ``.npz`` file; ValueError if it is not an npz or lacks `OGBENCH_ARRAYS`.
+
+    The file is opened with ``allow_pickle=False``: a dataset holds numeric arrays only.
+    """
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz archive (not a zip file)")
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as npz:
+        names = sorted(npz.files)
+    missing = [k for k in OGBENCH_ARRAYS if k not in names]
+    if missing:
+        raise ValueError(f"{path}: missing array(s) {missing} of an OGBench dataset (it holds {names})")
+    return names
