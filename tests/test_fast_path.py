@@ -13,6 +13,7 @@ import copy
 import os
 import pickle
 import traceback
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -405,3 +406,106 @@ def test_host_data_copies_sees_a_python_number_sent_to_the_device() -> None:
         torch.full((), 0.5, device="meta")  # a fill on the device: no copy
         torch.as_tensor(0.5)  # stays on the host
     assert len(copies) == 2
+
+
+# ------------------------------------------------------------------ the fast layer reads the model's description
+def other_trunks(heads: int = 3) -> dict[str, torch.nn.Module]:
+    """Critic trunks ``[H, M, 24] -> [H, M, 1]`` other than the default: another layer order (ReLU before
+    LayerNorm, a LayerNorm without scale/shift), and the default with an extra layer (its LayerNorm's scale
+    and shift shared by the heads)."""
+    from vgf_prob.rl.networks import EnsembleLayerNorm, EnsembleLinear
+
+    nn = torch.nn
+    reordered = nn.Sequential(
+        nn.ReLU(), EnsembleLayerNorm(heads, 24, 1e-6), EnsembleLinear(heads, 24, 20), nn.ReLU(),
+        nn.LayerNorm(20, elementwise_affine=False), nn.ReLU(), EnsembleLinear(heads, 20, 1),
+    )
+    extra = nn.Sequential(
+        EnsembleLayerNorm(heads, 24, 1e-6), nn.ReLU(), EnsembleLinear(heads, 24, 16), EnsembleLayerNorm(heads, 16, 1e-6),
+        nn.ReLU(), EnsembleLinear(heads, 16, 16), nn.LayerNorm(16), nn.ReLU(), EnsembleLinear(heads, 16, 1),
+    )
+    return {"reordered": reordered, "extra-layer": extra}
+
+
+def critic_with_trunk(trunk: torch.nn.Module, heads: int = 3) -> EnsembleCritic:
+    critic = perturbed_critic(hidden=(24, 16), heads=heads)
+    critic.trunk = trunk.double()
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return critic
+
+
+@pytest.mark.parametrize("states, particles", [(4, 6), (10, 9)])  # few rows and many
+@pytest.mark.parametrize("name", ["reordered", "extra-layer"])
+def test_a_critic_with_other_layers_gets_autograd_values_and_gradients(name: str, states: int, particles: int) -> None:
+    critic = critic_with_trunk(other_trunks()[name])
+    encoded = critic.encode_obs(torch.randn(states, OBS, dtype=torch.float64)).detach()
+    x = torch.randn(states, particles, ACT, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(states, particles, 3, dtype=torch.float64)
+    plain_q = critic.forward_from_encoding(encoded, x)
+    (plain,) = torch.autograd.grad((plain_q * weights).sum(), x)
+    fused_q = fused_pass(critic)(encoded, x)
+    (fused,) = torch.autograd.grad((fused_q * weights).sum(), x)
+    torch.testing.assert_close(fused_q, plain_q.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_pass(critic)(encoded, x), plain_q.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["reordered", "extra-layer", "unsupported"])
+def test_a_critic_with_other_layers_moves_particles_as_the_plain_flow(name: str) -> None:
+    """Through the agent's flow (Stein field, ParticleAdam, box) and TD target: fast == plain (switch off)."""
+    trunks = other_trunks(heads=2) | {"unsupported": torch.nn.Sequential(  # Tanh: not a layer the fast layer runs
+        torch.nn.Tanh(), torch.nn.Linear(24, 1).double())}
+    agent = VGFAgent(OBS, ACT, TINY.replace(num_particles=6, critic_hidden_dims=(24, 16)), dtype=torch.float64)
+    agent.critic.trunk = copy.deepcopy(trunks[name]).double()
+    agent.target_critic = copy.deepcopy(agent.critic)
+    obs = torch.randn(5, OBS, dtype=torch.float64)
+    batch = make_batch(0, torch.float64)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        policy, _ = agent.transport(obs, 3, torch.Generator().manual_seed(0))
+        target, _ = agent.td_target(batch, torch.Generator().manual_seed(1))
+        return policy.particles, target
+
+    context = pytest.warns(UserWarning, match="Tanh") if name == "unsupported" else contextlib.nullcontext()
+    with context:
+        particles, target = run()
+    if name == "unsupported":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one warning per model and reason, not one per call
+            run()
+    else:
+        assert fast.particle_pass(agent.critic) is not None
+    with fast.enabled(False):
+        plain_particles, plain_target = run()
+    torch.testing.assert_close(particles, plain_particles, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(target, plain_target, rtol=1e-9, atol=1e-10)
+
+
+def test_the_switch_turns_every_fast_pass_off_bc_sampling_included(monkeypatch) -> None:
+    """Every fast pass prepares its weights through `Prepared.get`: with the switch off (or, inside the agent's
+    methods, an agent built with fast_path=False) none runs, in acting (BC sampling, the flow, scoring) or in
+    an update."""
+    from vgf_prob.fast.buffers import Prepared
+
+    calls = []
+    original = Prepared.get
+    monkeypatch.setattr(Prepared, "get", lambda self, *a: calls.append(a[0]) or original(self, *a))
+    agent = VGFAgent(OBS, ACT, TINY)
+    agent.act(torch.randn(2, OBS), budget=2)
+    assert calls  # the fast layer serves this agent when on
+    for off in (fast.enabled(False), contextlib.nullcontext()):
+        plain = VGFAgent(OBS, ACT, TINY.replace(fast_path=not isinstance(off, contextlib.nullcontext)))
+        calls.clear()
+        with off:
+            plain.act(torch.randn(2, OBS), budget=2)
+            plain.act(torch.randn(OBS), budget=0)
+            plain.update(make_batch(0))
+            if not fast.is_enabled():  # outside the agent the process-wide switch governs
+                plain.reference(torch.randn(3, OBS)).sample_particles(4)
+        assert calls == []
+    assert fast.is_enabled()  # the context restored the switch
+    with pytest.raises(ValueError, match="bool"):
+        fast.set_enabled(0)

@@ -108,7 +108,10 @@ class _FusedEnsemble:
                     layers.append(("relu", None, None, None))
                 else:
                     kind = "affine" if isinstance(layer, Affine) else "norm"
-                    layers.append((kind, next(rest), next(rest), getattr(layer, "eps", None)))
+                    weight, bias = next(rest), next(rest)
+                    if kind == "norm":  # a scale/shift shared by the heads, [D], broadcasts as [1, 1, D]
+                        weight, bias = (t if t is None or t.dim() == 3 else t.view(1, 1, -1) for t in (weight, bias))
+                    layers.append((kind, weight, bias, getattr(layer, "eps", None)))
             w_t, folded_t, gamma_folded = {}, {}, set()
             for i, (kind, weight, _, _) in enumerate(layers):
                 if kind != "affine":
