@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -386,3 +387,12 @@ def test_training_state_restores_modules_and_optimisers():
         VGFAgent(OBS + 1, ACT, agent.config).load_training_state(state)
     with pytest.raises(ValueError, match="missing"):
         agent.load_training_state({"agent": state["agent"]})
+
+
+def test_act_names_bad_observations():
+    agent = VGFAgent(3, 2, VGFConfig(critic_hidden_dims=(8,), bc_hidden_dims=(8,)))
+    with pytest.raises(ValueError, match="empty batch"):
+        agent.act(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="obs must be numeric"):
+        agent.act(np.array([b"ab", b"cd", b"ef"]))
+    assert agent.act(np.zeros(3, dtype=np.float64)).dtype == agent.dtype  # gymnasium's float64 is matched

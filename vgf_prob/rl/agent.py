@@ -367,9 +367,14 @@ class VGFAgent(nn.Module):
 
     def _prepare_obs(self, obs: Tensor) -> tuple[Tensor, bool]:
         """Observations as ``[B, O]`` on this agent's device and dtype, and whether one ``[O]`` was given."""
-        obs = torch.as_tensor(obs, device=self.device, dtype=self.dtype)
+        try:  # any device and float dtype is moved to the agent's
+            obs = torch.as_tensor(obs, device=self.device, dtype=self.dtype)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"obs must be numeric (a tensor or array of shape [B, {self.obs_dim}]): {err}") from None
         if obs.dim() not in (1, 2) or obs.shape[-1] != self.obs_dim:
             raise ValueError(f"obs must have shape [B, {self.obs_dim}] or [{self.obs_dim}], got {tuple(obs.shape)}")
+        if obs.shape[0] == 0:
+            raise ValueError(f"obs is an empty batch (shape {tuple(obs.shape)}); give at least one observation")
         if not torch.isfinite(obs).all():
             raise ValueError("obs contains NaN or infinite values")
         return (obs.unsqueeze(0), True) if obs.dim() == 1 else (obs, False)
