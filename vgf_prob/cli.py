@@ -8,19 +8,30 @@
     vgf-prob data inspect <file or id>
     vgf-prob llm ...                    # the LLM demo (vgf_prob.llm.demo)
 
-Errors the user can fix (missing files, unknown presets, bad overrides, missing checkpoints) print one
-line ``vgf-prob: error: ...`` and exit with status 2.
+Every expected failure (a bad option or ``--config`` value, a missing or malformed file, an unknown
+environment or one whose dimensions differ from the data's, a device this machine lacks, a run directory
+in use or not a run's, any OSError) prints one line ``vgf-prob: error: ...`` and exits with status 2,
+before training starts wherever it can be checked then. Anything else is a bug and keeps its traceback.
+Numbers are taken as given: 0 is 0 (an error where it makes no sense), never "use the default".
+
+Heavy modules (torch, gymnasium, ogbench) are imported inside the commands, so ``--help`` and
+``--version`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+import types
+import typing
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -69,68 +80,124 @@ class CLIError(Exception):
     """A user error: printed as ``vgf-prob: error: <message>``, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse's own prints the usage block first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= ``minimum``, as given."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _nonnegative_number(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+_POSITIVE = _int_at_least(1)
+_NONNEGATIVE = _int_at_least(0)
+
+
+def _version() -> str:
+    from vgf_prob import __version__
+
+    return __version__
+
+
 # ============================================================================================== parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (``llm``'s own options are parsed by the demo)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vgf-prob", description="Value Gradient Flow: behaviour-regularised RL as budgeted optimal transport."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the vgf-prob version and exit")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sweep,data,llm}")
 
     tr = sub.add_parser("train", help="train a VGF agent offline (no arguments: the quick start)",
                         description="Train a VGF agent. Without --dataset: the quick-start job.")  # fmt: skip
     tr.add_argument("--dataset", help="OGBench dataset name, a .npz/.hdf5 file (OGBench / D4RL), or a Minari id")
     tr.add_argument("--env", help="environment to evaluate in (default: inferred from the dataset)")
-    tr.add_argument("--task-id", type=int, help="OGBench single task to relabel the data for (default: the env's)")
+    tr.add_argument("--task-id", type=_POSITIVE,
+                    help="OGBench single task to relabel the data for (default: the env's)")  # fmt: skip
     tr.add_argument("--preset", help="task preset of the authors' settings (default: inferred from the dataset)")
-    tr.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="VGFConfig overrides")
-    tr.add_argument("--steps", type=int, help="gradient steps (default 1000000; quick start: %(const)s)",
-                    const=QUICKSTART.steps, nargs="?")  # fmt: skip
-    tr.add_argument("--out", type=Path, help="run directory (default runs/<dataset>-seed<seed>-<time>)")
+    tr.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="VGFConfig overrides, typed by the field (e.g. lr=1e-4 critic_hidden_dims=256,256 "
+                         "test_budget=null)")  # fmt: skip
+    tr.add_argument("--steps", type=_POSITIVE,
+                    help=f"gradient steps (default 1000000; quick start: {QUICKSTART.steps})")  # fmt: skip
+    tr.add_argument("--out", type=Path,
+                    help="run directory, new or a vgf-prob run's (default runs/<dataset>-seed<seed>-<time>)")  # fmt: skip
     tr.add_argument("--resume", action="store_true", help="continue the run in --out (default: the newest)")
-    tr.add_argument("--device", default="cpu")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--eval-every", type=int, help="steps between evaluations (default: only at the end)")
-    tr.add_argument("--eval-episodes", type=int, help="episodes per policy and evaluation (default 10)")
-    tr.add_argument("--budgets", type=int, nargs="+", help="L_test values to evaluate (0 = best-of-N)")
-    tr.add_argument("--log-every", type=int, default=None, help="steps between log rows (default steps/100)")
-    tr.add_argument("--checkpoint-every", type=int, default=None, help="default: steps/10")
+    tr.add_argument("--device", default="cpu", help="torch device to train on: cpu, cuda, cuda:1, ... (default cpu)")
+    tr.add_argument("--seed", type=_NONNEGATIVE, default=0, help="seed of every random stream (default 0)")
+    tr.add_argument("--eval-every", type=_POSITIVE, help="steps between evaluations (default: only at the end)")
+    tr.add_argument("--eval-episodes", type=_POSITIVE,
+                    help=f"episodes per policy and evaluation (default 10; quick start: {QUICKSTART.eval_episodes})")  # fmt: skip
+    tr.add_argument("--budgets", type=_NONNEGATIVE, nargs="+",
+                    help="L_test values to evaluate (0 = best-of-N; default 0 1 2 3)")  # fmt: skip
+    tr.add_argument("--log-every", type=_POSITIVE, help="steps between log rows (default steps/100)")
+    tr.add_argument("--checkpoint-every", type=_POSITIVE, help="steps between checkpoints (default steps/10)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; quick start: 1)")
+    tr.add_argument("--threads", type=_POSITIVE,
+                    help=f"torch CPU threads (default: torch's choice; quick start: {QUICKSTART.threads})")  # fmt: skip
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint; --budgets sweeps the test-time budget")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint; --budgets sweeps the test-time budget",
+                        description="Evaluate a checkpoint: BC, best-of-N and VGF, or a sweep over --budgets.")  # fmt: skip
     ev.add_argument("checkpoint", help="a checkpoint file or a run directory (its latest.pt)")
     ev.add_argument("--env", help="environment (default: the one the run trained for)")
-    ev.add_argument("--episodes", type=int, default=10)
-    ev.add_argument("--budgets", type=float, nargs="+",
+    ev.add_argument("--episodes", type=_POSITIVE, default=10, help="episodes per policy and budget (default 10)")
+    ev.add_argument("--budgets", type=_nonnegative_number, nargs="+",
                     help="test-time budgets to sweep (steps: L_test; displacement/sinkhorn: radius)")  # fmt: skip
-    ev.add_argument("--budget-type", choices=("steps", "displacement", "sinkhorn"), default="steps")
-    ev.add_argument("--max-flow-steps", type=int, default=20, help="step cap for displacement/sinkhorn budgets")
+    ev.add_argument("--budget-type", choices=("steps", "displacement", "sinkhorn"), default="steps",
+                    help="what --budgets measure: flow steps, or a displacement / Sinkhorn radius (default steps)")  # fmt: skip
+    ev.add_argument("--max-flow-steps", type=_POSITIVE, default=20,
+                    help="step cap for displacement/sinkhorn budgets (default 20)")  # fmt: skip
     ev.add_argument("--out", type=Path, help="where the JSON and PNG go (default: the checkpoint's folder)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--no-progress", action="store_true")
-    ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--seed", type=_NONNEGATIVE, default=0, help="seed of the evaluation episodes (default 0)")
+    ev.add_argument("--device", default="cpu", help="torch device to act on (default cpu)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.add_argument("--threads", type=_POSITIVE,
+                    help="torch CPU threads (default: the number the run trained with, as training chose it)")  # fmt: skip
 
     from vgf_prob.rl.sweep import add_arguments as add_sweep_arguments  # no Ray import
 
     add_sweep_arguments(sub.add_parser("sweep", help="a recipe's runs as Ray Tune trials (needs the [sweep] extra)",
                                        description="Run a recipe's runs in parallel with Ray Tune, here or on a cluster."))  # fmt: skip
 
-    da = sub.add_parser("data", help="generate or inspect datasets")
+    da = sub.add_parser("data", help="generate or inspect datasets", description="Generate or inspect datasets.")
     dsub = da.add_subparsers(dest="data_command", required=True)
     gen = dsub.add_parser("generate", help="an OGBench manipulation 'play' dataset from ogbench's oracles")
     gen.add_argument("--env", default=QUICKSTART.env, help="e.g. cube-single-v0, cube-double-v0, puzzle-3x3-v0")
-    gen.add_argument("--episodes", type=int, default=1000, help="training episodes (the size; ogbench: 1000)")
-    gen.add_argument("--length", type=int, default=1001, help="steps per episode (ogbench: 1001)")
-    gen.add_argument("--val-episodes", type=int, help="default: episodes / 10")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--workers", type=int, default=1, help="processes rolling out episodes")
+    gen.add_argument("--episodes", type=_POSITIVE, default=1000, help="training episodes (the size; ogbench: 1000)")
+    gen.add_argument("--length", type=_int_at_least(2), default=1001, help="steps per episode (ogbench: 1001)")
+    gen.add_argument("--val-episodes", type=_POSITIVE, help="validation episodes (default: episodes / 10, at least 1)")
+    gen.add_argument("--seed", type=_NONNEGATIVE, default=0, help="seed of the oracles and resets (default 0)")
+    gen.add_argument("--workers", type=_POSITIVE, default=1, help="processes rolling out episodes (default 1)")
     gen.add_argument("--out", type=Path, help="folder (default: the vgf-prob cache, reused by later calls)")
     ins = dsub.add_parser("inspect", help="summary table of a dataset file or id")
     ins.add_argument("dataset", help="OGBench name, .npz/.hdf5 file, or Minari id")
     ins.add_argument("--env", help="D4RL env name for the reward processing of an .hdf5 file")
-    ins.add_argument("--task-id", type=int)
+    ins.add_argument("--task-id", type=_POSITIVE, help="OGBench single task to relabel the data for")
 
     sub.add_parser("llm", help="LLM demo (vgf-prob llm --help)", add_help=False)
     return parser
@@ -142,14 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["llm"]:
         return _llm(argv[1:])
     args = build_parser().parse_args(argv)
-    threads = getattr(args, "threads", None)
-    if threads is None and args.command == "train" and args.dataset is None:
-        threads = QUICKSTART.threads
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _one_line_warnings()
     try:
+        threads = getattr(args, "threads", None)  # eval's default comes from its checkpoint (see _eval)
+        if threads is None and args.command == "train" and args.dataset is None:
+            threads = QUICKSTART.threads
+        if threads is not None:
+            _set_threads(threads)
         if args.command == "train":
             _train(args)
         elif args.command == "eval":
@@ -161,17 +227,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _inspect(args)
     except CLIError as err:
-        print(f"vgf-prob: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
+    except OSError as err:  # a file the user named, a full disk, a read-only or missing folder
+        return _fail(_os_error_text(err))
     return 0
+
+
+def _fail(message: str) -> int:
+    """Print ``vgf-prob: error: <message>`` as one line (a multi-line message joined by '; '); status 2."""
+    line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"vgf-prob: error: {line}", file=sys.stderr)
+    return 2
+
+
+def _os_error_text(err: OSError) -> str:
+    """``<file>: <reason>`` of an OSError (Python's str() adds '[Errno N]' and quotes)."""
+    files = [str(f) for f in (err.filename, err.filename2) if f is not None]
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{' -> '.join(files)}: {reason}" if files else reason
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _one_line_warnings() -> None:
+    """vgf-prob's own warnings print as ``vgf-prob: warning: <message>`` (other packages' keep Python's format)."""
+    if getattr(warnings.formatwarning, "_vgf_prob", False):
+        return
+    package = Path(__file__).resolve().parent
+    default = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):  # noqa: ANN001 (warnings' signature)
+        if Path(filename).resolve().is_relative_to(package):
+            return f"vgf-prob: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    formatwarning._vgf_prob = True  # type: ignore[attr-defined]
+    warnings.formatwarning = formatwarning
 
 
 # ============================================================================================== train
 def _train(args: argparse.Namespace) -> None:
-    from vgf_prob.rl.checkpoint import CheckpointError
-    from vgf_prob.rl.trainer import train
+    from vgf_prob.rl.checkpoint import LATEST, CheckpointError
+    from vgf_prob.rl.trainer import TrainingSetupError, check_device, check_run_dir, train
 
     quickstart = args.dataset is None
+    try:  # before the data is loaded (or generated); the environment is checked by `train` before step 1
+        check_device(args.device)
+        if args.out is not None:
+            check_run_dir(args.out, args.resume)
+    except (CheckpointError, TrainingSetupError) as err:
+        raise CLIError(str(err)) from err
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if quickstart:
@@ -182,10 +291,16 @@ def _train(args: argparse.Namespace) -> None:
         dataset, env_name, name = load_dataset(args.dataset, args.env, args.task_id, args.device)
     timings["dataset"] = time.perf_counter() - t0
     config = build_config(args.preset, name, args.config, quickstart)
-    steps = args.steps or (QUICKSTART.steps if quickstart else 1_000_000)
+    steps = args.steps if args.steps is not None else (QUICKSTART.steps if quickstart else 1_000_000)
     out = _run_dir(args.out, name, args.seed, args.resume)
-    budgets = tuple(args.budgets) if args.budgets else (QUICKSTART.budgets if quickstart else DEFAULT_BUDGETS)
-    eval_episodes = args.eval_episodes or (QUICKSTART.eval_episodes if quickstart else 10)
+    if args.budgets is not None:
+        budgets = tuple(args.budgets)
+    else:
+        budgets = QUICKSTART.budgets if quickstart else DEFAULT_BUDGETS
+    if args.eval_episodes is not None:
+        eval_episodes = args.eval_episodes
+    else:
+        eval_episodes = QUICKSTART.eval_episodes if quickstart else 10
     if env_name is None:
         print(f"vgf-prob: no environment known for {args.dataset!r}; training without evaluation (pass --env)")
     print(f"dataset {name}: {len(dataset)} transitions, obs {dataset.obs_dim}, actions {dataset.action_dim} "
@@ -194,13 +309,18 @@ def _train(args: argparse.Namespace) -> None:
         result = train(
             config, dataset, env_name, out, steps,
             eval_every=args.eval_every, eval_episodes=eval_episodes,
-            log_every=args.log_every or max(1, steps // 100),
-            checkpoint_every=args.checkpoint_every or max(1, steps // 10),
+            log_every=max(1, steps // 100) if args.log_every is None else args.log_every,
+            checkpoint_every=max(1, steps // 10) if args.checkpoint_every is None else args.checkpoint_every,
             resume=args.resume, seed=args.seed, device=args.device, progress=not args.no_progress,
             eval_budgets=budgets,
         )  # fmt: skip
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, TrainingSetupError) as err:
         raise CLIError(str(err)) from err
+    except OSError as err:
+        if not (out / LATEST).exists():
+            raise
+        raise CLIError(f"{_os_error_text(err)}; the run continues from its last checkpoint with --out {out} "
+                       "--resume") from err  # fmt: skip
     timings.update(result.phase_seconds)
     total = time.perf_counter() - t0
     if result.final_scores:
@@ -325,21 +445,93 @@ def build_config(preset_name: str | None, dataset_name: str, overrides: Sequence
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` -> dict; values are JSON (numbers, true/false, null, lists), else strings.
+    """``["key=value", ...]`` -> ``{field: value}``, each value typed by its `VGFConfig` field's annotation.
 
-    ``256,256`` is a list too, for the hidden-dims fields.
+    ``int``: a whole number; ``float``: a finite number; ``bool``: true/false; ``str``: the text (JSON
+    quotes allowed); ``tuple[int, ...]``: ``256,256`` or ``[256, 256]``; ``X | None``: also null/none. A
+    value that does not fit raises `CLIError` naming the field and the type it expects. A key that is not a
+    field is passed on as text, for `VGFConfig.from_dict` to reject (or to read as a renamed field).
     """
+    from vgf_prob.rl.config import VGFConfig
+
+    hints = typing.get_type_hints(VGFConfig)
+    fields = {f.name for f in dataclasses.fields(VGFConfig)}
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
         if not sep or not key:
             raise CLIError(f"--config expects KEY=VALUE, got {item!r}")
+        if key not in fields:
+            out[key] = text
+            continue
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = [json.loads(p) for p in text.split(",")] if re.fullmatch(r"\d+(,\d+)+", text) else text
-        out[key.strip()] = tuple(value) if isinstance(value, list) else value
+            out[key] = _typed_value(text, hints[key])
+        except ValueError:
+            raise CLIError(f"--config {key}: expected {_type_name(hints[key])}, got {text!r}") from None
     return out
+
+
+def _typed_value(text: str, annotation: Any) -> Any:
+    """``text`` as a value of type ``annotation`` (see `parse_overrides`); ValueError if it is not one."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() in ("null", "none"):
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed_value(text, option)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if origin is typing.Literal:
+        value = _typed_value(text, str)
+        match = [a for a in args if str(a) == value]
+        if not match:
+            raise ValueError(text)
+        return match[0]
+    if origin is tuple:
+        if not (len(args) == 2 and args[1] is Ellipsis):
+            raise TypeError(f"--config cannot parse fields of type {annotation}")
+        parts = json.loads(text) if text.startswith("[") else text.split(",")
+        if not isinstance(parts, list) or not parts:
+            raise ValueError(text)
+        return tuple(_typed_value(str(part).strip(), args[0]) for part in parts)
+    if annotation is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(text)
+        return text.lower() == "true"
+    if annotation is int:
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ValueError(text)
+        return int(text)
+    if annotation is float:
+        if text.lower() in ("true", "false") or not math.isfinite(value := float(text)):
+            raise ValueError(text)
+        return value
+    if annotation is str:
+        if text.startswith('"'):
+            value = json.loads(text)
+            if not isinstance(value, str):
+                raise ValueError(text)
+            return value
+        return text
+    raise TypeError(f"--config cannot parse fields of type {annotation}")
+
+
+def _type_name(annotation: Any) -> str:
+    """How `_typed_value` reads a type, for error messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join([_type_name(a) for a in args if a is not type(None)] + ["null"] * (type(None) in args))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is tuple:
+        plural = {int: "whole numbers", float: "numbers", str: "strings", bool: "true/false values"}
+        return f"comma-separated {plural.get(args[0], str(args[0]))} (e.g. 256,256)"
+    names = {bool: "true or false (bool)", int: "a whole number (int)", float: "a finite number (float)",
+             str: "a string"}  # fmt: skip
+    return names.get(annotation, str(annotation))
 
 
 def _run_dir(out: Path | None, name: str, seed: int, resume: bool) -> Path:
@@ -359,22 +551,30 @@ def _run_dir(out: Path | None, name: str, seed: int, resume: bool) -> Path:
 def _eval(args: argparse.Namespace) -> None:
     from vgf_prob.rl.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from vgf_prob.rl.plots import plot_budget_sweep
+    from vgf_prob.rl.trainer import TrainingSetupError, check_device, check_env
 
     try:
+        check_device(args.device)
         path = resolve_checkpoint(args.checkpoint)
         payload = load_checkpoint(path)
-    except CheckpointError as err:
+    except (CheckpointError, TrainingSetupError) as err:
         raise CLIError(str(err)) from err
     run = payload.get("run", {})
+    if args.threads is None and run.get("threads") is not None:  # the same default as the run's training
+        _set_threads(run["threads"])
     env_name = args.env or run.get("env_name")
     if env_name is None:
         raise CLIError(f"{path} does not record an environment; pass --env")
     agent = restore_agent(payload, args.device)
     timing = run.get("dataset_metadata", {}).get("success_timing")  # OGBench: evaluate as the data was labelled
     env_kwargs = {} if timing is None else {"success_timing": timing}
+    try:
+        check_env(env_name, run["obs_dim"], run["action_dim"], env_kwargs)
+    except TrainingSetupError as err:
+        raise CLIError(str(err)) from err
     out = args.out or path.parent
     out.mkdir(parents=True, exist_ok=True)
-    if not args.budgets:
+    if args.budgets is None:
         from vgf_prob.rl.trainer import evaluate_policies, format_scores
 
         budgets = tuple(sorted({0, agent.config.acting_budget}))
@@ -388,9 +588,9 @@ def _eval(args: argparse.Namespace) -> None:
                                  args.episodes, args.seed, env_kwargs, progress=not args.no_progress)  # fmt: skip
     from vgf_prob.rl.evaluate import format_table
 
+    print(f"{env_name}: test-time {args.budget_type} budget sweep (BC {bc['score']:.1f})")  # not a title that wraps
     format_table([{"L_test" if args.budget_type == "steps" else args.budget_type: r["budget"], "score": r["score"],
-                   "std": r["std"], "mean_return": r["mean_return"]} for r in rows],
-                 title=f"{env_name}: test-time {args.budget_type} budget sweep (BC {bc['score']:.1f})")  # fmt: skip
+                   "std": r["std"], "mean_return": r["mean_return"]} for r in rows])  # fmt: skip
     stem = out / f"budget_sweep-{args.budget_type}-step{payload['step']}"
     report = {"checkpoint": str(path), "step": payload["step"], "env_name": env_name, "budget_type": args.budget_type,
               "episodes": args.episodes, "seed": args.seed, "bc": bc, "rows": rows}  # fmt: skip
@@ -490,7 +690,8 @@ def _inspect(args: argparse.Namespace) -> None:
     rows = [{"field": k, "value": ", ".join(map(str, v)) if isinstance(v, list) else v} for k, v in summary.items()]
     rows += [{"field": f"metadata.{k}", "value": str(v)} for k, v in metadata.items()]
     rows.append({"field": "evaluation env", "value": env_name or "-"})
-    format_table(rows, title=name)
+    print(name)
+    format_table(rows)
 
 
 # ============================================================================================== llm
