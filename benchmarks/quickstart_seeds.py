@@ -1,0 +1,118 @@
+"""Run the quick-start job (``vgf-prob train`` without arguments) over several seeds and summarise it.
+
+    python benchmarks/quickstart_seeds.py                       # the default: seeds 0 1 2, as `vgf-prob train`
+    python benchmarks/quickstart_seeds.py --seeds 0 --steps 3000 --config num_particles=16 --budgets 0 1 2 4 8
+
+Each seed trains its own agent on the quick start's cached data (`vgf_prob.cli.QUICKSTART`; the data is
+the same for every seed) and evaluates BC, best-of-N (L_test = 0) and VGF (L_test > 0) on the same seeded
+episodes, exactly as `vgf-prob train --seed S` does. The summary gives, per policy, the mean and the
+std over seeds of each seed's mean score (and of the mean return). Each seed also reports the CPU time its
+process used: with one torch thread, about the wall time on an idle machine (the wall time on a shared
+one is longer). ``--dataset``/``--episodes``/
+``--config``/``--steps``/``--budgets`` change the job, for the search recorded in
+benchmarks/main_job_search.md. ``--json`` writes every seed's rows and the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+
+def run_seed(args: argparse.Namespace, seed: int, out_root: Path) -> dict[str, Any]:
+    """Train and evaluate one seed; returns its final rows and phase timings."""
+    from vgf_prob.cli import build_config
+    from vgf_prob.rl.d4rl import load_d4rl_hdf5
+    from vgf_prob.rl.gym_generate import ensure_gym_dataset
+    from vgf_prob.rl.trainer import train
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    path = ensure_gym_dataset(args.dataset, args.episodes)
+    dataset = load_d4rl_hdf5(path, env_name=args.dataset)
+    data_seconds = time.perf_counter() - t0
+    config = build_config(None, args.dataset, args.config, quickstart=True)
+    result = train(
+        config, dataset, args.dataset, out_root / f"seed{seed}", args.steps,
+        eval_every=args.eval_every, eval_episodes=args.eval_episodes, log_every=max(1, args.steps // 100),
+        checkpoint_every=args.steps, seed=seed, progress=False, eval_budgets=tuple(args.budgets),
+    )  # fmt: skip
+    return {
+        "seed": seed, "rows": result.final_scores, "data_seconds": data_seconds,
+        "phase_seconds": result.phase_seconds, "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - cpu0,
+    }  # fmt: skip
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (policy, L_test): mean and std over seeds of the per-seed mean score and mean return."""
+    keys = [(r["policy"], r["L_test"]) for r in runs[0]["rows"]]
+    out = []
+    for policy, budget in keys:
+        rows = [next(r for r in run["rows"] if (r["policy"], r["L_test"]) == (policy, budget)) for run in runs]
+        scores, returns = [r["score"] for r in rows], [r["mean_return"] for r in rows]
+        spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)  # noqa: E731
+        out.append({
+            "policy": policy, "L_test": "-" if budget is None else budget,
+            "score": f"{statistics.fmean(scores):.1f} ± {spread(scores):.1f}",
+            "mean return": f"{statistics.fmean(returns):.2f} ± {spread(returns):.2f}",
+            "per seed": " ".join(f"{s:.1f}" for s in scores),
+        })  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vgf_prob.cli import QUICKSTART
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument("--dataset", default=QUICKSTART.dataset, help="generated dataset name (gym_generate)")
+    parser.add_argument("--episodes", type=int, default=QUICKSTART.episodes, help="dataset episodes")
+    parser.add_argument("--steps", type=int, default=QUICKSTART.steps, help="gradient steps")
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="VGFConfig overrides on top of the quick start's")  # fmt: skip
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(QUICKSTART.budgets), help="L_test values")
+    parser.add_argument("--eval-episodes", type=int, default=QUICKSTART.eval_episodes, help="episodes per policy")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: only at the end)")
+    parser.add_argument("--threads", type=int, default=QUICKSTART.threads, help="torch threads (default 1)")
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart-seeds"), help="run directories")
+    parser.add_argument("--json", type=Path, help="write the rows and the summary here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from vgf_prob.rl.evaluate import format_table
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = []
+    for seed in args.seeds:
+        run = run_seed(args, seed, args.out / stamp)
+        runs.append(run)
+        cells = ", ".join(f"{r['policy']}{'' if r['L_test'] in (None, 0) else ' L=' + str(r['L_test'])} "
+                          f"{r['score']:.1f}" for r in run["rows"])  # fmt: skip
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in run["phase_seconds"].items() if v > 0)
+        print(f"seed {seed}: {cells} ({run['seconds']:.0f} s wall: data {run['data_seconds']:.0f} s, {phases}; "
+              f"{run['cpu_seconds']:.0f} s of CPU time)", flush=True)  # fmt: skip
+    summary = summarise(runs)
+    load = os.getloadavg()
+    format_table(summary, title=f"{args.dataset}: {args.steps} steps, {len(args.seeds)} seeds (score: mean ± std over seeds)")
+    print(f"config overrides {args.config or 'none'}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+                                         "summary": summary, "load_average": load}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
