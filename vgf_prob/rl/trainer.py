@@ -355,7 +355,7 @@ def _run_locked(
     # ---- summary ------------------------------------------------------------------------------------
     phase["training"] = time.perf_counter() - started - phase["evaluation"] - phase["checkpoints"] - phase["online"]
     table = format_scores(last_scores, f"{env_name} after {total_steps} steps") if last_scores else ""
-    curve = _plot_learning_curve(out_dir)
+    curve = _plot_learning_curve(out_dir, f"{env_name or out_dir.name}: {total_steps} training steps, seed {seed}")
     seconds = time.perf_counter() - started
     summary = {"step": total_steps, "final_scores": last_scores, "seconds": seconds, "phase_seconds": phase,
                "config": config.to_dict(), "run": run_info}  # fmt: skip
@@ -665,12 +665,14 @@ def _tensorboard_writer(out_dir: Path, purge_step: int) -> Any:
     return SummaryWriter(str(out_dir / "tb"), purge_step=purge_step)
 
 
-def _plot_learning_curve(out_dir: Path) -> Path | None:
+def _plot_learning_curve(out_dir: Path, title: str) -> Path | None:
     """``learning_curve.png``: the main losses and, once evaluated twice or more, each policy's score."""
-    from vgf_prob.rl.plots import plot_learning_curve
+    from vgf_prob.rl.plots import SCORE_LABELS, plot_learning_curve
 
     rows: list[dict[str, Any]] = []
     metrics: list[str] = []
+    scores: list[str] = []
+    score_label = "score"
     eval_path = out_dir / EVAL_LOG
     if eval_path.exists():
         with eval_path.open(newline="") as f:
@@ -679,7 +681,8 @@ def _plot_learning_curve(out_dir: Path) -> Path | None:
             for r in eval_rows:
                 label = _label({"policy": r["policy"], "L_test": int(r["L_test"]) if r["L_test"] else None})
                 rows.append({"step": r["step"], label: r["score"]})
-                metrics.append(label)
+                scores.append(label)
+            score_label = SCORE_LABELS.get(eval_rows[0]["score_kind"], "score")
     train_path = out_dir / TRAIN_LOG
     if train_path.exists():
         with train_path.open(newline="") as f:
@@ -687,10 +690,11 @@ def _plot_learning_curve(out_dir: Path) -> Path | None:
         rows.extend(train_rows)
         if train_rows:
             metrics.extend(k for k in PROGRESS_KEYS if k in train_rows[0])
-    metrics = list(dict.fromkeys(metrics))
-    if not rows or not metrics:
+    metrics, scores = list(dict.fromkeys(metrics)), list(dict.fromkeys(scores))
+    if not rows or not (metrics or scores):
         return None
-    return plot_learning_curve(rows, out_dir / "learning_curve.png", metrics=metrics, title=out_dir.name)
+    return plot_learning_curve(rows, out_dir / "learning_curve.png", metrics=metrics, title=title, scores=scores,
+                               score_label=score_label)  # fmt: skip
 
 
 # ============================================================================================ helpers
