@@ -140,8 +140,9 @@ def test_stein_field_with_particle_adam_and_box_matches_the_hand_written_flow(ag
     value = TwoHeadQuadratic(seed=5, action_dim=2, spread=2.0)  # optima outside the box: clipping is exercised
     x0 = random_cloud(6, 3, particles, 2) * 1.2
     alpha, lr, steps = 0.4, 0.15, 4
-    flow = vgf.ValueGradientFlow(vgf.SteinField(alpha), vgf.ParticleAdam(lr), budget=steps,
-                                 projection=vgf.BoxProjection(-1.0, 1.0), aggregation=aggregation)  # fmt: skip
+    field = vgf.SteinField(alpha, differentiate_bandwidth=False)
+    flow = vgf.ValueGradientFlow(field, vgf.ParticleAdam(lr), budget=steps, projection=vgf.BoxProjection(-1.0, 1.0),
+                                 aggregation=aggregation)  # fmt: skip
     got = flow(torch.as_tensor(x0), None, value).particles.numpy()
     expected = adam_flow(x0, lambda x: textbook_stein(x, value.score(x, aggregation), alpha), steps, lr, box=True)
     assert np.isclose(np.abs(expected).max(), 1.0), "the hand-written flow never reached the box: weak test data"
