@@ -36,15 +36,17 @@ from common import (  # noqa: E402
 )
 
 import vgf_prob as vgf  # noqa: E402
+import vgf_prob.fast  # noqa: E402,F401
 from vgf_prob.rl.networks import EnsembleCritic  # noqa: E402
 
 
 def critic_value(critic: EnsembleCritic, obs: torch.Tensor):
     with torch.no_grad():
         encoded = critic.encode_obs(obs)
+    at_particles = vgf.fast.particle_pass(critic) or critic.forward_from_encoding
 
     def value(_: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        return critic.particle_values(encoded, x)
+        return at_particles(encoded, x)
 
     return value
 

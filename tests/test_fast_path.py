@@ -509,3 +509,75 @@ def test_the_switch_turns_every_fast_pass_off_bc_sampling_included(monkeypatch) 
     assert fast.is_enabled()  # the context restored the switch
     with pytest.raises(ValueError, match="bool"):
         fast.set_enabled(0)
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU; run by gpu_check.sh)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_batch(step: int) -> dict[str, torch.Tensor]:
+    return {key: value.cuda() for key, value in make_batch(step).items()}
+
+
+@needs_cuda
+@pytest.mark.parametrize("setting", ["stein-min", "amortized", "many-rows", "gaussian-reference"])
+def test_cuda_agent_fast_and_plain_paths_give_the_same_losses(setting: str) -> None:
+    torch.manual_seed(0)
+    config = TINY.replace(**AGENT_SETTINGS[setting])
+    fast_agent = VGFAgent(OBS, ACT, config, device="cuda")
+    plain_agent = VGFAgent(OBS, ACT, config, device="cuda")
+    plain_agent.load_state_dict(fast_agent.state_dict())
+    for step in range(2):
+        torch.cuda.manual_seed(step)
+        info_fast = fast_agent.update(cuda_batch(step))
+        torch.cuda.manual_seed(step)
+        with fast.enabled(False):
+            info_plain = plain_agent.update(cuda_batch(step))
+        for key in info_fast:
+            torch.testing.assert_close(info_fast[key], info_plain[key], rtol=1e-4, atol=1e-5, msg=key)
+    obs = torch.randn(6, OBS, device="cuda")
+    torch.cuda.manual_seed(7)
+    acted = fast_agent.act(obs, budget=2)
+    torch.cuda.manual_seed(7)
+    with fast.enabled(False):
+        torch.testing.assert_close(acted, plain_agent.act(obs, budget=2), rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("setting", ["stein", "amortized"])
+def test_a_cuda_update_does_not_synchronise(setting: str) -> None:
+    agent = VGFAgent(OBS, ACT, TINY.replace(**AGENT_SETTINGS.get(setting, {})), device="cuda")
+    agent.update(cuda_batch(0), check_finite=False)
+    batch = cuda_batch(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        agent.update(batch, check_finite=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_cuda_graph_captured_update_is_the_eager_update(bf16: bool) -> None:
+    """Same state and the same seed of the CUDA generator: one replay gives what one eager update gives, and a
+    second replay (new batch, parameters changed by the first) still does (derived weights are recomputed)."""
+    torch.manual_seed(0)
+    graphed = VGFAgent(OBS, ACT, TINY.replace(flow_autocast_bf16=bf16), device="cuda")
+    eager = copy.deepcopy(graphed)
+    for agent in (graphed, eager):
+        fast.make_capturable(agent._optimizers().values())
+    torch.cuda.manual_seed(0)
+    step = fast.CapturedStep(lambda b: graphed.update(b, check_finite=False), cuda_batch(0), warmup=3)
+    torch.cuda.manual_seed(0)
+    for _ in range(3):
+        eager.update(cuda_batch(0), check_finite=False)
+    for n in (1, 2):
+        torch.cuda.manual_seed(10 + n)
+        info = {key: value.clone() for key, value in step(cuda_batch(n)).items()}
+        torch.cuda.manual_seed(10 + n)
+        reference = eager.update(cuda_batch(n), check_finite=False)
+        for key in reference:
+            torch.testing.assert_close(info[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+    for p_graphed, p_eager in zip(graphed.parameters(), eager.parameters()):
+        torch.testing.assert_close(p_graphed, p_eager, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,9 @@ The passes (all numerically the same arithmetic as the plain modules, up to floa
 - `mlp.forward_without_graph`: a conditional MLP without autograd into reused buffers, or, for a few rows
   on CPU, oneDNN products with pre-packed weights (`packed`);
 - `buffers.Workspace`: scratch tensors reused from call to call (CPU has no caching allocator; a fresh
-  activation costs a page fault per 4 KiB).
+  activation costs a page fault per 4 KiB);
+- `graphs.CapturedStep`: a training step (e.g. ``agent.update(batch, check_finite=False)``) captured as one
+  CUDA graph, with `graphs.make_capturable` for its optimisers.
 
 This package imports torch only; the models import it, never the other way round.
 """
@@ -25,12 +27,14 @@ from vgf_prob.fast.dispatch import (
     autocast_enabled,
     autocast_off,
     broadcast_lead,
+    capturing,
     compute_dtype,
     enabled,
     is_enabled,
     set_enabled,
 )
 from vgf_prob.fast.ensemble import particle_pass
+from vgf_prob.fast.graphs import CapturedStep, make_capturable
 from vgf_prob.fast.layers import Affine, LayerNorm, Network, ReLU, Unsupported, describe
 from vgf_prob.fast.mlp import forward_without_graph, packed_program
 from vgf_prob.fast.packed import PACKED_MAX_ROWS, packed_linear_available, run_packed_steps
@@ -38,6 +42,7 @@ from vgf_prob.fast.packed import PACKED_MAX_ROWS, packed_linear_available, run_p
 __all__ = [
     "PACKED_MAX_ROWS",
     "Affine",
+    "CapturedStep",
     "LayerNorm",
     "Network",
     "ReLU",
@@ -45,11 +50,13 @@ __all__ = [
     "autocast_enabled",
     "autocast_off",
     "broadcast_lead",
+    "capturing",
     "compute_dtype",
     "describe",
     "enabled",
     "forward_without_graph",
     "is_enabled",
+    "make_capturable",
     "packed_linear_available",
     "packed_program",
     "particle_pass",

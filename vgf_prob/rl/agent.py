@@ -344,10 +344,11 @@ class VGFAgent(nn.Module):
         return optimizers
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        """bfloat16 autocast when ``config.flow_autocast_bf16``, else a no-op context (any device type)."""
+        """bfloat16 autocast when ``config.flow_autocast_bf16``, else a no-op context (any device type); inside a
+        CUDA graph capture without autocast's weight-cast cache (which a replay would not refresh)."""
         if not self.config.flow_autocast_bf16:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not fast.capturing())
 
     def _fast_switch(self) -> contextlib.AbstractContextManager:
         """`vgf_prob.fast` switched off while the networks run when ``config.fast_path`` is False (BC sampling
