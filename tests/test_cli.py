@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import vgf_prob
 from vgf_prob import cli
 from vgf_prob.rl.config import VGFConfig
 
@@ -164,3 +166,84 @@ def test_llm_subcommand_delegates_to_the_demo(capsys):
         cli.main(["llm", "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: vgf-prob llm")
+
+
+# ------------------------------------------------------------------------------- a clean first run (issue 10)
+def _all_parsers(parser):
+    """The parser and every subcommand parser under it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+def test_every_option_and_subcommand_has_help_text():
+    missing = [
+        f"{p.prog} {'/'.join(a.option_strings) or a.dest}"
+        for p in _all_parsers(cli.build_parser())
+        for a in p._actions
+        if not isinstance(a, argparse._SubParsersAction) and not (a.help or "").strip()
+    ]
+    assert missing == []
+
+
+def test_version_and_help_answer_without_loading_torch():
+    code = ("import sys, contextlib, io\nfrom vgf_prob import cli\nfor argv in (['--version'], ['train', '--help'], "
+            "['eval', '--help']):\n    with contextlib.redirect_stdout(io.StringIO()) as out:\n        try:\n"
+            "            cli.main(argv)\n        except SystemExit as e:\n            assert e.code == 0\n"
+            "    print(out.getvalue().splitlines()[0])\n"
+            "print(sorted(m for m in ('torch', 'gymnasium', 'ogbench', 'numpy', 'h5py') if m in sys.modules))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"vgf-prob {vgf_prob.__version__}"
+    assert lines[1].startswith("usage: vgf-prob train") and lines[2].startswith("usage: vgf-prob eval")
+    assert lines[3] == "[]"
+
+
+def test_eval_takes_the_thread_count_the_run_trained_with(quickstart_run, tmp_path):
+    out, _ = quickstart_run  # trained with --threads 1, recorded in the checkpoint
+    torch.set_num_threads(2)
+    assert cli.main(["eval", str(out), "--episodes", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert torch.get_num_threads() == 1
+    assert cli.main(["eval", str(out), "--episodes", "1", "--out", str(tmp_path), "--no-progress",
+                     "--threads", "2"]) == 0  # fmt: skip
+    assert torch.get_num_threads() == 2
+
+
+def test_final_scores_print_once_under_a_title_line_of_their_own(quickstart_run, tmp_path, capsys):
+    _, cached = quickstart_run
+    title = "reacher-noisy-v0: 2 steps, seed 0"
+    assert cli.main(["train", "--dataset", str(cached[0]), "--env", "reacher-noisy-v0", "--out", str(tmp_path / "r"),
+                     "--steps", "2", "--eval-every", "1", "--eval-episodes", "1", "--budgets", "0", "--no-progress",
+                     "--config", *(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                   for k, v in TINY_OVERRIDES)]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("step 1: BC reference") for line in lines)  # the evaluation during training
+    assert not any(line.startswith("step 2:") for line in lines)  # the final one is the table, not a line too
+    assert lines.count(title) == 1  # the table's title, whole on its line
+    assert "BC reference" in lines[lines.index(title) + 4]
+
+
+def test_os_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/data/x.hdf5")
+
+    monkeypatch.setattr(cli, "_inspect", denied)
+    assert cli.main(["data", "inspect", "x"]) == 2
+    assert capsys.readouterr().err == "vgf-prob: error: /data/x.hdf5: Permission denied\n"
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "_inspect", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["data", "inspect", "x"])
+
+
+def test_config_values_follow_their_annotations():
+    values = cli.parse_overrides(["critic_hidden_dims=[32, 32]", "bc_hidden_dims=64", "lr=1", 'variant="amortized"',
+                                  "test_budget=null", "compile=false", "max_grad_norm=0"])  # fmt: skip
+    assert values == {"critic_hidden_dims": (32, 32), "bc_hidden_dims": (64,), "lr": 1.0, "variant": "amortized",
+                      "test_budget": None, "compile": False, "max_grad_norm": 0.0}  # fmt: skip
+    assert type(values["lr"]) is float and type(values["max_grad_norm"]) is float  # 0 is 0, not "use the default"
