@@ -22,6 +22,8 @@ from vgf_prob.rl.config import preset
 
 # a copy of shared/parity/svgd_parity.npz (its README beside it), so that a clean clone tests on its own
 PARITY_FILE = Path(__file__).resolve().parent / "data" / "svgd_parity.npz"
+# a second set from the authors' code: N = 7, A = 4, alpha 0.2, lr 0.3, 6 steps, clipping active (README there)
+SECOND_PARITY_FILE = Path(__file__).resolve().parent / "data" / "svgd_parity_2.npz"
 ALPHA, LR, STEPS = 0.5, 0.1, 3
 
 
@@ -81,6 +83,27 @@ def test_textbook_stein_step_reproduces_the_fixed_bandwidth_loop(parity):
         assert error < 2e-5, f"textbook step {step}: off the authors' fixed-bandwidth loop by {error:.2e}"
     paper = operator(vgf.SteinField.paper(ALPHA), 1)(x0, None, value).particles
     assert (paper - operator(vgf.SteinField.textbook(ALPHA), 1)(x0, None, value).particles).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "min"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_paper_stein_step_reproduces_a_second_set_of_the_authors_particles(aggregation, dtype):
+    with np.load(SECOND_PARITY_FILE) as data:
+        stored = dict(data)
+    obs = torch.tensor(stored["obs"], dtype=dtype)
+    centre1, centre2 = float(stored["centre1"]), float(stored["centre2"])
+
+    def heads(_, actions):
+        q1 = -(actions - centre1).square().sum(-1) * (1 + 0.1 * obs[..., 0])
+        return torch.stack([q1, -(actions - centre2).square().sum(-1)], -1)
+
+    x0 = torch.tensor(stored["particles0"], dtype=dtype)
+    field = vgf.SteinField.paper(float(stored["alpha"]))
+    tolerance = 1e-6 if dtype == torch.float64 else 2e-5
+    for step in range(1, int(stored["steps"]) + 1):
+        particles = operator(field, step, float(stored["lr"]), aggregation)(x0, None, heads).particles
+        error = (particles.double() - torch.tensor(stored[f"f64_{aggregation}_particles{step}"])).abs().max().item()
+        assert error < tolerance, f"second set, {aggregation} heads, {dtype}, step {step}: off by {error:.2e}"
 
 
 # ------------------------------------------------------------------------------ the spec, independently
