@@ -262,7 +262,8 @@ def execute(
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
-                tune_config=tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                tune_config=tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                                            reuse_actors=True),  # one worker process (imports) for several trials
                 run_config=tune.RunConfig(
                     name=plan.name, storage_path=plan.storage,
                     failure_config=tune.FailureConfig(max_failures=max_failures),
@@ -275,9 +276,14 @@ def execute(
             if result.checkpoint is not None and result.config["run"] in runs:
                 _gather(result.checkpoint, Path(runs[result.config["run"]]["out"]))
         failed = [(r.config["run"], r.error) for r in grid if r.error is not None]
+        finished = {r.config["run"] for r in grid if r.error is None and (r.metrics or {}).get("done")}
     finally:
         ray.shutdown()
     paths = write_report(plan.runs, out_dir(load_recipe(plan.recipe)), title=plan.name)
+    stopped = [r.name for r in plan.runs if r.name not in finished and r.name not in dict(failed)]
+    if stopped:
+        raise SweepError(f"the sweep stopped with {len(stopped)} of {len(plan.runs)} trials unfinished "
+                         f"({', '.join(stopped[:3])}{', ...' if len(stopped) > 3 else ''}); continue it with --resume")  # fmt: skip
     if failed:
         lines = "; ".join(f"{name}: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}"
                           for name, err in failed)  # fmt: skip
