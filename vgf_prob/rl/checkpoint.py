@@ -66,8 +66,7 @@ class RunLock:
     non-blocking exclusive ``fcntl.flock`` on it, then writes this process's PID into it. The kernel drops
     the lock when the descriptor closes, including when the process is killed, so a lock is never stale.
     A second process gets `RunDirBusy` naming the holder's PID. Within one process the lock is
-    re-entrant: `train` takes it again when the CLI already holds it. POSIX only (``fcntl``), like the
-    simulators the project runs.
+    re-entrant: `train` takes it again when the CLI already holds it. POSIX only (``fcntl.flock``).
     """
 
     _held: dict[Path, tuple[int, int]] = {}  # resolved directory -> (descriptor, hold count) in this process
