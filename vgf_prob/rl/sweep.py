@@ -78,6 +78,7 @@ class Plan:
     num_gpus: int
     storage: str
     name: str
+    out_dir: Path
 
     @property
     def threads(self) -> int:
@@ -206,7 +207,7 @@ def make_plan(
     num_gpus = _local_gpus() if address is None else 0
     storage = storage or str(out_dir(recipe) / "tune")
     return Plan(Path(recipe_path), runs, settings, cpus_per_trial, gpus_per_trial, address, num_cpus, num_gpus,
-                storage, name or Path(recipe_path).stem)  # fmt: skip
+                storage, name or Path(recipe_path).stem, out_dir(recipe))  # fmt: skip
 
 
 def print_plan(plan: Plan) -> None:
@@ -258,6 +259,13 @@ def execute(
         param_space = {"run": tune.grid_search(list(runs))}
         if resume:
             tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
+            restored = {r.config["run"] for r in tuner.get_results()}
+            if restored != set(runs):
+                raise SweepError(
+                    f"--resume continues the trials of {experiment} ({len(restored)}), but this selection has "
+                    f"{len(runs)} runs, {len(set(runs) - restored)} of them new and {len(restored - set(runs))} "
+                    "missing: pass the recipe, --tasks, --seeds and --grid the sweep started with"
+                )
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -279,7 +287,7 @@ def execute(
         finished = {r.config["run"] for r in grid if r.error is None and (r.metrics or {}).get("done")}
     finally:
         ray.shutdown()
-    paths = write_report(plan.runs, out_dir(load_recipe(plan.recipe)), title=plan.name)
+    paths = write_report(plan.runs, plan.out_dir, title=plan.name)
     stopped = [r.name for r in plan.runs if r.name not in finished and r.name not in dict(failed)]
     if stopped:
         raise SweepError(f"the sweep stopped with {len(stopped)} of {len(plan.runs)} trials unfinished "
