@@ -227,6 +227,10 @@ class ParameterSnapshot:
         """The network's plain ``forward(context, inputs)`` evaluated with the snapshot's tensors."""
         return functional_call(self.net, self.tensors, (context, inputs))
 
+    def __setstate__(self, state: dict) -> None:  # unpickled tensors start new version counters
+        self.__dict__.update(state)
+        self.versions = {name: _version(t) for name, t in self.tensors.items()}
+
     def __deepcopy__(self, memo: dict) -> "ParameterSnapshot":
         new = ParameterSnapshot.__new__(ParameterSnapshot)
         new.net = self.net
@@ -240,9 +244,9 @@ class FlowMatchingDistribution(TorchDistribution):
 
     ``log_prob`` is the exact discrete density of the Euler map (``method="euler"``) or the continuous-time density
     to the accuracy of the density solve (other methods). With ``spec.clip`` the law has atoms on the faces of
-    the box and ``log_prob`` raises. ``rsample_and_log_prob`` gives both in one pass; ``log_prob`` of the tensor
-    the last ``rsample`` returned reuses its path (pyro's ``cache_size=1`` convention: no inversion, and the
-    gradient of a reparameterised ELBO goes through the sample's path).
+    the box and ``log_prob`` raises. ``rsample_and_log_prob`` gives both in one pass; with the Euler sampler,
+    ``log_prob`` of the tensor the last ``rsample`` returned reuses its path (pyro's ``cache_size=1`` convention:
+    no inversion, the same number and gradient).
     """
 
     arg_constraints = {"obs": constraints.real_vector}
@@ -264,6 +268,9 @@ class FlowMatchingDistribution(TorchDistribution):
         self.action_high = action_high
         self._cache: tuple[Tensor, list[Tensor]] | None = None
         super().__init__(obs.shape[:-1], torch.Size([spec.action_dim]), validate_args=validate_args)
+
+    def __getstate__(self) -> dict:  # the cached path may hold an autograd graph, which does not pickle
+        return {**self.__dict__, "_cache": None}
 
     @constraints.dependent_property(is_discrete=False, event_dim=1)
     def support(self) -> constraints.Constraint:
@@ -307,6 +314,8 @@ class FlowMatchingDistribution(TorchDistribution):
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         """Transport fresh N(0, I) noise of shape ``sample_shape + batch_shape + (A,)``; differentiable."""
         noise = torch.randn(self._extended_shape(sample_shape), dtype=self.obs.dtype, device=self.obs.device)
+        if self.spec.method != "euler":  # log_prob solves back from the value; a cached path would solve forward
+            return self._transport(noise, False)
         path: list[Tensor] = []
         value = self._transport(noise, False, path)
         self._cache = (value, path)
@@ -347,7 +356,7 @@ class FlowMatchingDistribution(TorchDistribution):
 
     def _transport(self, x: Tensor, per_particle: bool, path: list[Tensor] | None = None) -> Tensor:
         """The sampler applied to noise ``x`` (``[*S, *B, A]``, or ``[*B, N, A]`` when ``per_particle``); ``path``
-        (when given) collects the Euler states x_0..x_{K-1}, or x_0 for an ODE."""
+        (when given) collects the Euler states x_0..x_{K-1}."""
         spec = self.spec
         context, velocity, live = self._velocity(per_particle)
         if spec.method == "euler":
@@ -363,8 +372,6 @@ class FlowMatchingDistribution(TorchDistribution):
                         path.append(x)
                     x = x.add(velocity(context, x, t), alpha=dt)
         else:
-            if path is not None:
-                path.append(x)
             field = partial(_ode_field, velocity, context)
             x = odeint(field, x, self._time_grid(0.0, 1.0), method=spec.method, **spec.ode_options)[-1]
         if spec.clip:
@@ -418,7 +425,7 @@ class FlowMatchingDistribution(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         if self._cache is not None and value is self._cache[0]:
-            return self._path_log_prob(value, self._cache[1], generator)
+            return self._path_log_prob(value, self._cache[1])
         shape, rows, obs = self._rows(value)
         if self.spec.method == "euler":
             log_density = self._euler_log_prob(rows, obs)
@@ -441,13 +448,11 @@ class FlowMatchingDistribution(TorchDistribution):
             x, log_density = self._ode_log_prob(rows, obs, backward=False, generator=generator)
         return x.reshape(shape), log_density.reshape(shape[:-1])
 
-    def _path_log_prob(self, value: Tensor, path: list[Tensor], generator: torch.Generator | None) -> Tensor:
-        """log p of the last ``rsample``'s output from its recorded path (x_0, and for Euler x_1..x_{K-1})."""
+    def _path_log_prob(self, value: Tensor, path: list[Tensor]) -> Tensor:
+        """log p of the last Euler ``rsample``'s output from its recorded path x_0..x_{K-1}."""
         shape = value.shape[:-1]
         obs = self.obs.expand(shape + self.obs.shape[-1:]).reshape(-1, self.obs.shape[-1])
         rows = [x.reshape(-1, self.spec.action_dim) for x in path]
-        if self.spec.method != "euler":
-            return self._ode_log_prob(rows[0], obs, backward=False, generator=generator)[1].reshape(shape)
         times = self._time_grid(0.0, 1.0)[:-1]
         dt = 1.0 / self.spec.num_steps
         log_det = sum(_log_abs_det(self._jacobian(obs, x, t)[0], dt, k) for k, (x, t) in enumerate(zip(rows, times)))
