@@ -276,8 +276,11 @@ class KillOnFirstCheckpoint:
         pid = trial.last_result["pid"]
         self.marker.write_text(json.dumps({"pid": pid, "step": trial.last_result["step"]}))
         os.kill(pid, signal.SIGKILL)
-        for _ in range(100):  # until the process is gone (the raylet reaps it)
-            if not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower():
+        for _ in range(100):  # until the process is gone or a zombie (its writes have stopped)
+            try:
+                if "zombie" in Path(f"/proc/{pid}/status").read_text().lower():
+                    break
+            except FileNotFoundError:
                 break
             time.sleep(0.05)
         shutil.rmtree(self.run_dir)

@@ -376,7 +376,7 @@ def plot_score_vs_budget(
         ax.set_xlabel("L_test (flow steps; 0 = best-of-N)")
         ax.set_ylabel("final score")
         ax.legend(fontsize=6)
-    fig.suptitle(title)
+    fig.suptitle(f"{title}: final score, mean ± std over complete seeds")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
