@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=list(QUICKSTART.budgets), help="L_test values")
     parser.add_argument("--eval-episodes", type=int, default=QUICKSTART.eval_episodes, help="episodes per policy")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: only at the end)")
-    parser.add_argument("--threads", type=int, default=QUICKSTART.threads, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=int, default=QUICKSTART.threads, help="torch threads per seed (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once, in separate processes (default 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart-seeds"), help="run directories")
     parser.add_argument("--json", type=Path, help="write the rows and the summary here")
     args = parser.parse_args(argv)
@@ -94,9 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     from vgf_prob.rl.evaluate import format_table
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    from vgf_prob.rl.gym_generate import ensure_gym_dataset
+
+    ensure_gym_dataset(args.dataset, args.episodes)  # once, before any worker reads it
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(args.threads,)) as pool:  # fmt: skip
+            results = list(pool.map(run_seed, [args] * len(args.seeds), args.seeds, [args.out / stamp] * len(args.seeds)))
+    else:
+        results = (run_seed(args, seed, args.out / stamp) for seed in args.seeds)
     runs = []
-    for seed in args.seeds:
-        run = run_seed(args, seed, args.out / stamp)
+    for seed, run in zip(args.seeds, results, strict=True):
         runs.append(run)
         cells = ", ".join(f"{r['policy']}{'' if r['L_test'] in (None, 0) else ' L=' + str(r['L_test'])} "
                           f"{r['score']:.1f}" for r in run["rows"])  # fmt: skip
