@@ -49,7 +49,8 @@ from typing import Any
 
 REFERENCE_KEYS = {"published": "published VGF", "fql": "published FQL"}
 REQUIRED_RUN_KEYS = ("seeds", "eval_every", "eval_episodes", "budgets", "checkpoint_every", "dataset_dir", "out_dir")
-RESULTS_CSV, RESULTS_JSON, SUMMARY_JSON, BUDGET_PNG = "results.csv", "results.json", "summary.json", "score_vs_budget.png"
+RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"
+SUMMARY_JSON, BUDGET_PNG = "summary.json", "score_vs_budget.png"
 
 
 class RecipeError(ValueError):
@@ -205,7 +206,9 @@ def expand_runs(recipe: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | N
     return runs
 
 
-def select_runs(runs: Sequence[Run], tasks: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[Run]:
+def select_runs(
+    runs: Sequence[Run], tasks: Sequence[str] | None = None, seeds: Sequence[int] | None = None
+) -> list[Run]:
     """The runs of the given tasks (or groups: OGBench environments) and seeds; None keeps all.
 
     Raises `RecipeError` for a task or seed that matches no run.

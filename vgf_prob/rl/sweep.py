@@ -117,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="device of every run (default: the recipe's [run] device)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs Ray reserves per trial (default 1)")
     parser.add_argument("--gpus-per-trial", type=float,
-                        help="GPUs per trial, fractional to share one (0.25: 4 runs per GPU); default 1 on cuda, else 0")  # fmt: skip
+                        help="GPUs per trial, fractional to share one (0.25: 4 runs per GPU); "
+                             "default 1 on cuda, else 0")  # fmt: skip
     parser.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial (default 2)")
     parser.add_argument("--address", help="a running Ray cluster: 'auto' or ray://host:port (default: embedded Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all this process may use)")
@@ -188,8 +189,9 @@ def make_plan(
     for r in runs:
         interval = int(settings["eval_every"])
         if interval % log_every(settings, r.steps):
-            raise SweepError(f"{r.name}: [run] log_every {log_every(settings, r.steps)} must divide eval_every {interval} "
-                             "(each trial segment ends at an evaluation step, which must also be a log step)")  # fmt: skip
+            raise SweepError(f"{r.name}: [run] log_every {log_every(settings, r.steps)} must divide eval_every "
+                             f"{interval} (each trial segment ends at an evaluation step, which must be a log "
+                             "step too)")  # fmt: skip
     if gpus_per_trial is None:
         gpus_per_trial = 1.0 if device.startswith("cuda") else 0.0
     if not cpus_per_trial > 0:
@@ -290,8 +292,9 @@ def execute(
     paths = write_report(plan.runs, plan.out_dir, title=plan.name)
     stopped = [r.name for r in plan.runs if r.name not in finished and r.name not in dict(failed)]
     if stopped:
-        raise SweepError(f"the sweep stopped with {len(stopped)} of {len(plan.runs)} trials unfinished "
-                         f"({', '.join(stopped[:3])}{', ...' if len(stopped) > 3 else ''}); continue it with --resume")  # fmt: skip
+        shown = ", ".join(stopped[:3]) + (", ..." if len(stopped) > 3 else "")
+        raise SweepError(f"the sweep stopped with {len(stopped)} of {len(plan.runs)} trials unfinished ({shown}); "
+                         "continue it with --resume")  # fmt: skip
     if failed:
         lines = "; ".join(f"{name}: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}"
                           for name, err in failed)  # fmt: skip
