@@ -93,8 +93,12 @@ class RunLock:
                     "or choose another output directory"
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            os.close(fd)
+            raise
         RunLock._held[key] = (fd, 1)
 
     def release(self) -> None:
