@@ -260,6 +260,29 @@ def test_sweep_user_errors(tmp_path, capsys):
 
 
 # ============================================================================================== Ray
+def test_gather_copies_a_trials_last_checkpoint_only_into_a_missing_or_older_run_dir(tmp_path):
+    pytest.importorskip("ray.tune")
+    from ray.tune import Checkpoint
+
+    from vgf_prob.rl.checkpoint import save_checkpoint
+    from vgf_prob.rl.sweep import _gather, checkpoint_step
+
+    def run_dir(name: str, step: int) -> Path:
+        save_checkpoint(tmp_path / name, {"step": step, "config": {}, "agent": {}, "rng": {}})
+        (tmp_path / name / "eval.csv").write_text(f"logs of {name}")
+        return tmp_path / name
+
+    trial = Checkpoint.from_directory(run_dir("ray", 8))  # what a trial on another node left in storage
+    _gather(trial, tmp_path / "missing")  # the trial ran on a node without shared files
+    assert checkpoint_step(tmp_path / "missing") == 8
+    assert (tmp_path / "missing" / "eval.csv").read_text() == "logs of ray"
+    _gather(trial, run_dir("older", 4))
+    assert checkpoint_step(tmp_path / "older") == 8
+    _gather(trial, run_dir("same", 8))
+    assert (tmp_path / "same" / "eval.csv").read_text() == "logs of same"
+    assert checkpoint_step(tmp_path / "nothing") == 0
+
+
 class KillOnFirstCheckpoint:
     """A Tune callback (runs in the driver) that SIGKILLs one trial's worker right after Tune registered its
     first checkpoint, then deletes the trial's run directory, as if its node had been lost."""
