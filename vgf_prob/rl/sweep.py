@@ -323,9 +323,7 @@ def train_trial(
 
     from vgf_prob import cli
 
-    if config["run"] not in runs:
-        raise SweepError(f"trial {config['run']} is not among the selected runs (resume with the same selection)")
-    run = Run.from_dict(runs[config["run"]])
+    run = Run.from_dict(runs[config["run"]])  # execute() checked that every trial is among them
     restored = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
