@@ -389,6 +389,15 @@ def test_files_that_are_not_what_they_claim_are_one_line_errors(tmp_path, capsys
     assert "is not an .npz archive" in line and "allow_pickle" not in line
 
 
+def test_damaged_minari_dataset_is_one_named_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    data = tmp_path / "mujoco" / "hopper" / "medium-v0" / "data"
+    data.mkdir(parents=True)
+    (data / "metadata.json").write_text("{ not json")
+    assert cli.main(["data", "inspect", "mujoco/hopper/medium-v0"]) == 2
+    assert f"Minari dataset 'mujoco/hopper/medium-v0' at {data} is not readable" in error_line(capsys)
+
+
 def test_unreadable_checkpoint_in_eval_is_one_line(tmp_path, capsys):
     (tmp_path / "latest.pt").write_bytes(b"garbage")
     assert cli.main(["eval", str(tmp_path)]) == 2

@@ -13,7 +13,7 @@ observation), each leaf reshaped to ``[T + 1, -1]``; ``obs_keys`` selects and or
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,10 @@ def load_minari(
             f"Minari dataset {dataset_id!r} is not in the local store {base} (vgf-prob never downloads); "
             f"stored: {stored or 'none'}"
         )
-    dataset = minari.MinariDataset(data_path)
+    try:
+        dataset = minari.MinariDataset(data_path)
+    except (OSError, ValueError, KeyError) as err:  # damaged metadata or HDF5 file, as minari reports it
+        raise ValueError(_unreadable(dataset_id, data_path, err)) from err
     space = dataset.action_space
     if not isinstance(space, gymnasium.spaces.Box):
         raise ValueError(f"{dataset_id}: only Box action spaces are supported, got {space}")
@@ -91,7 +94,7 @@ def load_minari(
 
     keys = ("observations", "actions", "rewards", "next_observations", "masks", "terminals", "timeouts")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for ep in dataset.iterate_episodes():
+    for ep in _episodes(dataset, dataset_id, data_path):
         obs = flatten_observations(ep.observations, obs_keys)
         steps = len(ep.rewards)
         ends = np.zeros(steps, dtype=np.float32)
@@ -116,3 +119,20 @@ def load_minari(
         "actions_rescaled_from": [low.tolist(), high.tolist()] if rescale_actions else None,
     }
     return OfflineDataset(data, device=device, expected_action_dim=int(np.prod(space.shape)), metadata=metadata)
+
+
+def _episodes(dataset: Any, dataset_id: str, data_path: Path) -> Iterator[Any]:
+    """``dataset.iterate_episodes()``, with minari's read errors (a damaged file) as one named ValueError."""
+    episodes = iter(dataset.iterate_episodes())
+    while True:
+        try:
+            episode = next(episodes)
+        except StopIteration:
+            return
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(_unreadable(dataset_id, data_path, err)) from err
+        yield episode
+
+
+def _unreadable(dataset_id: str, data_path: Path, err: Exception) -> str:
+    return f"Minari dataset {dataset_id!r} at {data_path} is not readable ({type(err).__name__}: {err})"
