@@ -203,11 +203,16 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int |
 
 
 def first_failure(output: str) -> tuple[str, str]:
-    """(test id, message) of the first FAILED/ERROR line of pytest's short summary."""
+    """(test id, message) of the first FAILED/ERROR line of pytest's short summary; a message that is only
+    an exception name (e.g. numpy's multi-line assertions) is completed by the first "E" lines of the trace."""
     for line in output.splitlines():
         match = re.match(r"(?:FAILED|ERROR) (\S+)(?: - (.*))?", line)
         if match:
-            return match.group(1), (match.group(2) or "").strip()
+            message = (match.group(2) or "").strip()
+            if not message or message.endswith(":"):
+                details = [e[1:].strip() for e in output.splitlines() if e.startswith("E ") and e[1:].strip()]
+                message = " | ".join(details[:3])
+            return match.group(1), message
     return "", ""
 
 
