@@ -528,8 +528,9 @@ def test_flow_log_prob_of_a_value_does_not_depend_on_its_batch_mates(kwargs: dic
                          ids=["euler", "euler-tanh", "rk4"])
 def test_rsample_and_log_prob_agree_with_log_prob(kwargs: dict) -> None:
     """One pass gives (x, log p(x)); log_prob of a copy of x (inverted from scratch) gives the same number, and
-    log_prob of the last rsample's own output (its cached path) the same number and the same pathwise gradient
-    d/dtheta log q_theta(x_theta(eps)) as rsample_and_log_prob from the same noise (a reparameterised ELBO's)."""
+    log_prob of the last rsample's own output (for Euler its cached path) the same number and the same pathwise
+    gradient d/dtheta log q_theta(x_theta(eps)) as rsample_and_log_prob from the same noise (a reparameterised
+    ELBO's)."""
     torch.manual_seed(0)
     policy = FlowMatchingPolicy(OBS_DIM, ACTION_DIM, hidden_dims=(16, 16), **kwargs).double()
     dist = policy(torch.randn(3, OBS_DIM, dtype=torch.float64))
@@ -546,7 +547,9 @@ def test_rsample_and_log_prob_agree_with_log_prob(kwargs: dict) -> None:
     cached = dist.log_prob(sample)
     torch.testing.assert_close(cached, log_p, **tol)
     (pathwise,) = torch.autograd.grad(cached.sum(), weight)
-    torch.testing.assert_close(pathwise, one_pass, **tol)
+    # Euler: the same path, the same gradient; rk4: a backward density solve against a forward one
+    grad_tol = dict(rtol=1e-3, atol=1e-4) if "method" in kwargs else tol
+    torch.testing.assert_close(pathwise, one_pass, **grad_tol)
 
 
 def test_euler_log_prob_gradients_match_finite_differences() -> None:
