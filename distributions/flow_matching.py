@@ -204,6 +204,14 @@ class ParameterSnapshot:
     """
 
     def __init__(self, net: nn.Module) -> None:
+        sampled = [f"{prefix}.{name}".lstrip(".") for prefix, module in net.named_modules()
+                   for name in getattr(module, "_pyro_samples", {})]
+        if sampled:
+            raise TypeError(
+                f"PyroSample priors on the velocity network ({', '.join(sampled[:3])}) are not supported: the "
+                "distribution evaluates a snapshot of the parameters. Sample the weights in the model and pass them "
+                "with torch.func.functional_call(policy, {'velocity_net.<name>': w}, (obs,))"
+            )
         self.net = net
         self.tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
         self.versions = {name: _version(t) for name, t in self.tensors.items()}

@@ -379,3 +379,35 @@ def test_nuts_with_a_flow_matching_prior_runs() -> None:
     mcmc.run()
     draws = mcmc.get_samples()["a"]
     assert draws.shape == (10, ACTION_DIM) and torch.isfinite(draws).all() and draws.std(0).min() > 0
+
+
+def test_pyro_priors_on_the_flow_weights() -> None:
+    """PyroSample on the velocity network is refused with the way that works: weights sampled in the model and
+    substituted by functional_call, which the distribution then evaluates (one sample site per weight)."""
+    from pyro.nn import PyroSample
+    from pyro.nn.module import to_pyro_module_
+
+    torch.manual_seed(0)
+    policy = FlowMatchingPolicy(1, 1, hidden_dims=(4,), num_steps=2, bound="none").double()
+    obs, y = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    prior = dist.Normal(torch.zeros(1, 4, dtype=torch.float64), 1.0).to_event(2)
+
+    def model() -> None:
+        weight = pyro.sample("w", prior)
+        flow = torch.func.functional_call(policy, {"velocity_net.trunk.0.weight": weight}, (obs,))
+        a = pyro.sample("a", flow)
+        pyro.sample("y", dist.Normal(a, 1.0).to_event(1), obs=y)
+
+    trace = pyro.poutine.trace(model).get_trace()
+    trace.compute_log_prob()
+    site = trace.nodes["a"]
+    plain = FlowMatchingPolicy(1, 1, hidden_dims=(4,), num_steps=2, bound="none").double()
+    plain.load_state_dict(policy.state_dict())
+    with torch.no_grad():
+        plain.velocity_net.trunk[0].weight.copy_(trace.nodes["w"]["value"])
+    torch.testing.assert_close(site["log_prob"], plain(obs).log_prob(site["value"]))
+
+    to_pyro_module_(policy)
+    policy.velocity_net.trunk[0].weight = PyroSample(prior)
+    with pytest.raises(TypeError, match="PyroSample.*functional_call"):
+        pyro.poutine.trace(lambda: pyro.sample("a", policy(obs))).get_trace()
