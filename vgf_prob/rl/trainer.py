@@ -753,7 +753,7 @@ def check_env(env_name: str, obs_dim: int, action_dim: int, env_kwargs: Mapping[
         )
 
 
-def check_run_dir(out_dir: Path, resume: bool) -> None:
+def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> None:
     """Refuse a run directory that this run must not write into (`TrainingSetupError`/`CheckpointError`).
 
     - not a directory, or not writable (checked on it, or on its nearest existing parent);
@@ -762,7 +762,7 @@ def check_run_dir(out_dir: Path, resume: bool) -> None:
       run directory (none of `RUN_MARKERS` in it);
     - ``resume=True``: it holds no checkpoint.
 
-    Creates nothing: the lock is only probed, when its file exists.
+    Creates nothing; the lock is only probed (taken and released), when its file exists.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
