@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--task-id", type=_POSITIVE,
                     help="OGBench single task to relabel the data for (default: the env's)")  # fmt: skip
     tr.add_argument("--preset", help="task preset of the authors' settings (default: inferred from the dataset)")
+    tr.add_argument("--preset-source", choices=("offline", "offline-to-online"), default="offline",
+                    help="which of the authors' scripts the preset follows (default offline)")  # fmt: skip
+    tr.add_argument("--print-config", action="store_true",
+                    help="print the resolved VGFConfig (preset, then --config) as JSON and exit; loads no data")  # fmt: skip
     tr.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                     help="VGFConfig overrides, typed by the field (e.g. lr=1e-4 critic_hidden_dims=256,256 "
                          "test_budget=null)")  # fmt: skip
@@ -276,6 +280,9 @@ def _train(args: argparse.Namespace) -> None:
     from vgf_prob.rl.trainer import TrainingSetupError, check_device, check_run_dir, train
 
     quickstart = args.dataset is None
+    if args.print_config:
+        print(json.dumps(_resolved_config(args).to_dict(), indent=2))
+        return
     try:  # before the data is loaded (or generated); the environment is checked by `train` before step 1
         check_device(args.device)
         if args.out is not None:
@@ -291,7 +298,7 @@ def _train(args: argparse.Namespace) -> None:
     else:
         dataset, env_name, name = load_dataset(args.dataset, args.env, args.task_id, args.device)
     timings["dataset"] = time.perf_counter() - t0
-    config = build_config(args.preset, name, args.config, quickstart)
+    config = build_config(args.preset, name, args.config, quickstart, args.preset_source)
     steps = args.steps if args.steps is not None else (QUICKSTART.steps if quickstart else 1_000_000)
     out = _run_dir(args.out, name, args.seed, args.resume)
     if args.budgets is not None:
@@ -424,19 +431,38 @@ def _d4rl_name_from_file(path: Path) -> str | None:
     return candidate
 
 
-def build_config(preset_name: str | None, dataset_name: str, overrides: Sequence[str], quickstart: bool = False):
-    """The run's `VGFConfig`: ``--preset`` (or the dataset's preset when one matches), then overrides."""
-    from vgf_prob.rl.config import PRESETS, VGFConfig, preset
+def _resolved_config(args: argparse.Namespace):
+    """The config a ``train`` command line would run with, from names alone (no data is read); ``--preset``
+    without ``--dataset`` shows that preset as a full-size run would use it (not the quick start's sizes)."""
+    if args.dataset is None and args.preset is None:
+        return build_config(None, QUICKSTART.dataset, args.config, True, args.preset_source)
+    name = args.preset if args.dataset is None else Path(args.dataset).stem
+    return build_config(args.preset, name, args.config, False, args.preset_source)
 
+
+def build_config(
+    preset_name: str | None,
+    dataset_name: str,
+    overrides: Sequence[str],
+    quickstart: bool = False,
+    preset_source: str = "offline",
+):
+    """The run's `VGFConfig`: ``--preset`` (or the dataset's preset when one matches) from the authors'
+    ``preset_source`` script ("offline" or "offline-to-online"), then overrides."""
+    from vgf_prob.rl.config import PRESET_SOURCES, VGFConfig, preset
+
+    known = PRESET_SOURCES[preset_source]
     values = dict(QUICKSTART.overrides) if quickstart else {}
     values.update(parse_overrides(overrides))
     try:
         if preset_name is not None:
-            if not any(preset_name == k or preset_name.startswith(k + "-") for k in PRESETS):
-                raise CLIError(f"unknown preset {preset_name!r}; known presets: {', '.join(sorted(PRESETS))}")
-            return preset(preset_name, **values)
+            if not any(preset_name == k or preset_name.startswith(k + "-") for k in known):
+                raise CLIError(
+                    f"unknown preset {preset_name!r} ({preset_source}); known presets: {', '.join(sorted(known))}"
+                )
+            return preset(preset_name, preset_source, **values)
         try:
-            return preset(dataset_name, **values)
+            return preset(dataset_name, preset_source, **values)
         except ValueError as err:
             if "no VGF preset" not in str(err):
                 raise
@@ -597,8 +623,9 @@ def _eval(args: argparse.Namespace) -> None:
               "episodes": args.episodes, "seed": args.seed, "bc": bc, "rows": rows}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     xlabel = "L_test (flow steps)" if args.budget_type == "steps" else f"{args.budget_type} budget"
-    plot_budget_sweep(rows, stem.with_suffix(".png"), reference_lines={"BC reference": bc["score"]},
-                      title=f"{env_name} (step {payload['step']})", xlabel=xlabel)  # fmt: skip
+    plot_budget_sweep(rows, stem.with_suffix(".png"), reference_lines={"BC reference": bc},
+                      title=f"{env_name}: checkpoint after {payload['step']} training steps, "
+                            f"{args.episodes} episodes per point", xlabel=xlabel)  # fmt: skip
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
 
 
@@ -651,8 +678,9 @@ def budget_sweep_rows(
         row["budget"] = int(value) if budget_type == "steps" else float(value)
     bc_act = lambda obs: agent.bc_action(obs, generator=generator)  # noqa: E731
     bc = evaluate(bc_act, env_name, episodes, seed, device=agent.device, progress=progress,
-                  env_kwargs=env_kwargs)
-    return rows, {"score": bc.score, "std": bc.score_std, "mean_return": bc.mean_return}
+                  env_kwargs=env_kwargs, label="BC reference")
+    return rows, {"score": bc.score, "std": bc.score_std, "mean_return": bc.mean_return,
+                  "return_std": bc.std_return}
 
 
 # ============================================================================================== sweep
