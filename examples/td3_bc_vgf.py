@@ -14,7 +14,7 @@ with uniform random torques (probability ``behaviour_epsilon``). Scores: mean re
 episodes, and the D4RL-style normalised score 100 (R - R_random) / (R_expert - R_random) with the uniform
 random policy and the scripted controller run on the same evaluation seeds.
 
-Run: ``python examples/td3_bc_vgf.py [--steps 10000] [--algo both|td3_bc|vgf] [--out results.json]``
+Run: ``python examples/td3_bc_vgf.py [--steps 5000] [--algo both|td3_bc|vgf] [--out results.json]``
 (``--help`` lists every setting).
 """
 
@@ -51,10 +51,10 @@ class Args:
     """probability that a step of the behaviour takes a uniform random action instead of the controller's"""
     algo: str = "both"
     """td3_bc, vgf or both"""
-    steps: int = 10_000
+    steps: int = 5_000
     """gradient steps per algorithm"""
     batch_size: int = 256
-    hidden: int = 256
+    hidden: int = 128
     """width of the two hidden layers of every network"""
     lr: float = 3e-4
     discount: float = 0.99
@@ -70,13 +70,13 @@ class Args:
     """TD3+BC: weight of the Q term against the BC term"""
     vgf_particles: int = 10
     """VGF: particles N per state"""
-    vgf_train_budget: int = 1
+    vgf_train_budget: int = 3
     """VGF: flow steps L_train in the TD target"""
     vgf_test_budgets: tuple[int, ...] = (0, 1, 3)
     """VGF: flow steps L_test evaluated (0 is best-of-N from the reference)"""
-    vgf_lr: float = 0.2
+    vgf_lr: float = 0.1
     """VGF: Adam step on the particles (about this much per action coordinate per step; the box is [-2, 2])"""
-    vgf_alpha: float = 1.0
+    vgf_alpha: float = 0.1
     """VGF: Stein temperature (attraction |grad Q| / alpha against the kernel's repulsion)"""
     bc_flow_steps: int = 10
     """VGF: Euler steps of the flow-matching reference's sampler"""
@@ -265,7 +265,7 @@ class VGF:
         self.q = vgf.as_value(self.critic_1, self.critic_2)  # [VGF] twin critics as two heads
         self.q_target = vgf.as_value(self.critic_1_target, self.critic_2_target)  # [VGF]
         self.flow = vgf.ValueGradientFlow(  # [VGF] flow on the mean of the heads; targets and choice by their min
-            vgf.SteinField(alpha=args.vgf_alpha), vgf.ParticleAdam(lr=args.vgf_lr), budget=args.vgf_train_budget,
+            vgf.SteinField.paper(alpha=args.vgf_alpha), vgf.ParticleAdam(lr=args.vgf_lr), budget=args.vgf_train_budget,
             projection=vgf.BoxProjection(low, high), target_aggregation="min",
         )
         self.args = args
