@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vgf_prob import fast
-from vgf_prob.fast import broadcast_lead, run_packed_steps  # noqa: F401  (flow_matching's import; see packed_pass)
 
 
 def check_obs(obs: Tensor, obs_dim: int | None = None, check_values: bool = True) -> None:
@@ -103,10 +102,6 @@ class ConditionalMLP(nn.Module):
         """MLP(concat(context, inputs)); ``context`` and ``inputs`` share their leading dimensions."""
         hidden = self.first(torch.cat([context, inputs], dim=-1))
         return self.trunk(self.first_activation(hidden))
-
-    def packed_pass(self, inputs: Tensor, rows: int) -> tuple[Tensor, list[tuple]] | None:
-        """`vgf_prob.fast.packed_program` for this network (the interface flow-matching sampling calls)."""
-        return fast.packed_program(self, inputs, rows)
 
     def describe_layers(self) -> fast.Network:
         """W_x^T (the input part of the first layer, ``[I, H1]``) and the layers after it, for `vgf_prob.fast`."""
