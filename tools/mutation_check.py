@@ -101,13 +101,19 @@ MUTATIONS = [
     Mutation("box-projection-skipped", "vgf_prob/transport.py",
              "return x if self.projection is None else self.projection(x)", "return x", tuple(OPERATOR),
              "particles are never clipped to the action box"),
-    Mutation("kernel-bandwidth-log-n", "flows/kernels.py",
-             "return (median / (2.0 * math.log(n + 1))).clamp_min(BANDWIDTH_FLOOR)",
-             "return (median / (2.0 * math.log(n))).clamp_min(BANDWIDTH_FLOOR)", tuple(OPERATOR),
+    Mutation("stein-bandwidth-log-n", "flows/fields.py",
+             "log_term = 2.0 * math.log(n + 1)", "log_term = 2.0 * math.log(n)", tuple(OPERATOR),
              "median heuristic divides by 2 log N instead of 2 log(N + 1)"),
     Mutation("kernel-median-lower-middle", "flows/kernels.py",
-             "return 0.5 * (upper + lower)", "return lower", tuple(OPERATOR),
+             "positions, weight = [count // 2 - 1, count // 2], 0.5", "positions, weight = [count // 2 - 1], 1.0",
+             tuple(OPERATOR),
              "for even N*N the median takes the lower middle entry (torch.median) instead of the mean of two"),
+    Mutation("stein-repulsion-sign", "flows/fields.py",
+             "    return kernel, -grad\n", "    return kernel, grad\n", tuple(OPERATOR),
+             "the Stein repulsion pulls particles together instead of apart"),
+    Mutation("stein-bandwidth-gradient-dropped", "flows/fields.py",
+             "        if through_bandwidth:\n", "        if False:\n", ("tests/test_parity.py",),
+             "the paper's Stein step loses the gradient through the median bandwidth"),
     # ---- LLM value (vgf_prob/llm/reward.py)
     Mutation("llm-straight-through-removed", "vgf_prob/llm/reward.py",
              "tokens = tokens + (snapped - tokens).detach()", "tokens = tokens", tuple(LLM),
@@ -127,9 +133,10 @@ MUTATIONS = [
              "eval_log.truncate(payload[\"logs\"][EVAL_LOG])", "pass", tuple(TRAINING),
              "resume keeps the evaluation rows a killed run wrote after its last checkpoint"),
     # ---- D4RL data processing (REFERENCE.md section 4)
-    Mutation("d4rl-mask-includes-timeouts", "vgf_prob/rl/d4rl.py",
-             '"masks": 1.0 - terminals[keep],', '"masks": 1.0 - (terminals | timeouts)[keep],', tuple(D4RL),
-             "time-limit truncations are treated as terminations (mask 0)"),
+    # (masks = 1 - (terminals | timeouts)[keep] would be an equivalent mutant: timeout steps are never kept)
+    Mutation("d4rl-mask-zero-at-trajectory-ends", "vgf_prob/rl/d4rl.py",
+             '"masks": 1.0 - terminals[keep],', '"masks": 1.0 - last_of_trajectory,', tuple(D4RL),
+             "the step before a time-limit truncation is treated as a termination (mask 0)"),
     Mutation("d4rl-keeps-timeout-step", "vgf_prob/rl/d4rl.py",
              "keep = ~timeouts & (np.arange(n) < n - 1)", "keep = np.arange(n) < n - 1", tuple(D4RL),
              "the last step of an episode ended by timeout is kept (its next_obs is the next episode's start)"),
@@ -165,6 +172,13 @@ def copy_repository(source: str, revision: str, target: Path) -> None:
             if origin.is_file():
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(origin, target / name)
+    # derandomised Hypothesis still shrinks a failure, which can take minutes with slow examples: a mutant
+    # only needs to fail, so the runs here load a profile without the shrink phase
+    (target / "_mutation_hypothesis.py").write_text(
+        "from hypothesis import Phase, settings\n"
+        "settings.register_profile('mutation', phases=(Phase.explicit, Phase.reuse, Phase.generate))\n"
+        "settings.load_profile('mutation')\n"
+    )
     mapping = tomllib.loads((target / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-dir", {})
     for package, folder in mapping.items():
         link = target.joinpath(*package.split("."))
@@ -194,7 +208,8 @@ def check_imports_the_copy(copy: Path) -> None:
 
 
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int | None, str]:
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "--no-header", "-p", "no:cacheprovider", *tests]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "--no-header", "-p", "no:cacheprovider",
+               "-p", "_mutation_hypothesis", *tests]  # fmt: skip
     try:
         done = subprocess.run(command, cwd=copy, env=environment(copy), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
