@@ -7,7 +7,9 @@ draws N particles per state from ``reference`` (a conditional policy, a distribu
 [*B, N, A] or a previous ``ParticlePolicy``, which is how operators chain), integrates ``field`` with
 ``solver`` while ``budget`` bounds every state's transport, and returns a ``ParticlePolicy`` whose report
 says what each state spent. ``with_budget`` gives the same operator with another budget (test-time
-scaling without retraining).
+scaling without retraining). ``act`` (the flow, then one particle per state chosen by value) and
+``next_value`` (the bootstrap term of a TD target) are the two calls another RL codebase needs; critics
+written for that codebase are adapted by ``vgf_prob.values.as_value``.
 """
 
 from __future__ import annotations
