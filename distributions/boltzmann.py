@@ -84,9 +84,9 @@ class Boltzmann(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
-    def q_value(self, actions: Tensor) -> Tensor:
-        """Head-aggregated Q(s, a) for ``actions [*B, N, A]``: ``[*B, N]``."""
-        q = self.value(self.obs, actions)
+    def q_value(self, actions: Tensor, obs: Tensor | None = None) -> Tensor:
+        """Head-aggregated Q(s, a) for ``actions [*B, N, A]`` (at ``obs [*B, O]``, default the states): ``[*B, N]``."""
+        q = self.value(self.obs if obs is None else obs, actions)
         if q.shape == actions.shape[:-1]:
             return q
         if q.shape[:-1] != actions.shape[:-1]:
@@ -106,9 +106,10 @@ class Boltzmann(TorchDistribution):
         if value.ndim < 1 or value.shape[-1] != self.event_shape[0]:
             raise ValueError(f"value must end in the event shape {tuple(self.event_shape)}, got {tuple(value.shape)}")
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-        sample_shape = shape[: len(shape) - batch_dims]
-        actions = value.expand(shape + self.event_shape).reshape((-1,) + self.batch_shape + self.event_shape)
-        q = self.q_value(actions.movedim(0, -2)).movedim(-1, 0).reshape(sample_shape + self.batch_shape)
+        sample_shape, batch_shape = shape[: len(shape) - batch_dims], shape[len(shape) - batch_dims :]
+        actions = value.expand(shape + self.event_shape).reshape((-1,) + batch_shape + self.event_shape)
+        obs = self.obs.expand(batch_shape + self.obs.shape[-1:])
+        q = self.q_value(actions.movedim(0, -2), obs).movedim(-1, 0).reshape(shape)
         log_density = q / self.alpha
         if self.base is not None:
             log_density = log_density + self.base.log_prob(value)

@@ -287,8 +287,10 @@ class FlowMatchingDistribution(TorchDistribution):
         return constraints.independent(constraints.interval(self.action_low, self.action_high), 1)
 
     @classmethod
-    def infer_shapes(cls, **arg_shapes):
-        raise NotImplementedError("the event shape is the policy's action_dim, not a function of argument shapes")
+    def infer_shapes(cls, obs: torch.Size, action_low: torch.Size, **other_shapes):
+        """``(batch_shape, event_shape)`` of ``FlowMatchingDistribution(net, spec, obs, action_low, ...)``:
+        ``obs [*B, O]`` and ``action_low [A]`` give ``(B, (A,))``."""
+        return torch.Size(obs[:-1]), torch.Size(action_low[-1:])
 
     def expand(
         self, batch_shape: torch.Size, _instance: "FlowMatchingDistribution | None" = None

@@ -43,6 +43,13 @@ class DiagonalNormal(Independent, TorchDistribution):
         new.action_high = self.action_high
         return super().expand(batch_shape, _instance=new)
 
+    def log_prob(self, value: Tensor) -> Tensor:
+        """log N(value; loc, diag(scale^2)); validation also checks the event shape (torch's ``Independent``
+        only checks that ``value`` broadcasts against the base's batch shape)."""
+        if self._validate_args:
+            self._validate_sample(value)
+        return super().log_prob(value)
+
     def sample_particles(self, num_particles: int, generator: torch.Generator | None = None) -> Tensor:
         """``[*B, N, A]`` draws with noise from ``generator``, clamped into the action box when one is set."""
         loc = self.base_dist.loc.unsqueeze(-2)

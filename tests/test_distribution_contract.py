@@ -23,6 +23,7 @@ from torch import Tensor
 from vgf_prob.distributions import (
     Boltzmann,
     DiagonalNormal,
+    FlowMatchingDistribution,
     FlowMatchingPolicy,
     GaussianPolicy,
     MixtureReference,
@@ -88,11 +89,11 @@ class Fixture:
 FIXTURES = {
     "diagonal_normal": Fixture(_normal, static_shapes=True),
     "gaussian_mixture": Fixture(_mixture),
-    "flow_euler": Fixture(lambda b: _flow(b, bound="none")),
-    "flow_rk4": Fixture(lambda b: _flow(b, bound="none", method="rk4", density_steps=8)),
+    "flow_euler": Fixture(lambda b: _flow(b, bound="none"), static_shapes=True),
+    "flow_rk4": Fixture(lambda b: _flow(b, bound="none", method="rk4", density_steps=8), static_shapes=True),
     "flow_tanh": Fixture(lambda b: _flow(b, bound="tanh")),
     "flow_clip": Fixture(lambda b: _flow(b), no_density="bound='clip' puts atoms on the box's faces: no density",
-                         no_gof="no density"),
+                         no_gof="no density", static_shapes=True),
     "boltzmann": Fixture(_boltzmann, no_gof="log_prob is unnormalised (no log-partition) and SIR is approximate"),
     "particles": Fixture(_particles, static_shapes=True, no_gof="discrete: checked by enumerate_support instead"),
 }
@@ -150,6 +151,8 @@ def test_expand_new_existing_and_subsequent_dims(name: str) -> None:
     if not fixture.no_density:
         x = _value(d)
         torch.testing.assert_close(subsequent.log_prob(x), d.log_prob(x).expand(5, 4, 2, 3))
+        large = _value(subsequent)  # a value with more batch dims than d scores by broadcasting d (pyro's rule)
+        torch.testing.assert_close(d.log_prob(large), subsequent.log_prob(large))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -181,6 +184,9 @@ def test_infer_shapes(name: str) -> None:
         return
     if isinstance(d, ParticlePolicy):
         shapes = type(d).infer_shapes(particles=d.particles.shape, log_weights=d.log_weights.shape)
+    elif isinstance(d, FlowMatchingDistribution):
+        shapes = type(d).infer_shapes(velocity_net=(), spec=(), obs=d.obs.shape, action_low=d.action_low.shape,
+                                      action_high=d.action_high.shape)
     else:
         shapes = type(d).infer_shapes(loc=d.base_dist.loc.shape, scale=d.base_dist.scale.shape)
     assert shapes == (d.batch_shape, d.event_shape)
