@@ -35,8 +35,10 @@ def previous_log_prob(policy: FlowMatchingPolicy, obs: torch.Tensor, value: torc
         with torch.enable_grad():
             x = state[0] if state[0].requires_grad else state[0].detach().requires_grad_()
             v = policy.velocity(obs, x, t)
-            diagonal = [torch.autograd.grad(v[..., i].sum(), x, create_graph=differentiable, retain_graph=True)[0][..., i]
-                        for i in range(v.shape[-1])]
+            diagonal = [
+                torch.autograd.grad(v[..., i].sum(), x, create_graph=differentiable, retain_graph=True)[0][..., i]
+                for i in range(v.shape[-1])
+            ]
             div = torch.stack(diagonal, -1).sum(-1)
         return (v, div) if differentiable else (v.detach(), div.detach())
 

@@ -125,7 +125,9 @@ class Boltzmann(TorchDistribution):
 
     def _proposals(self, count: int, generator: torch.Generator | None) -> Tensor:
         if self.base is None:
-            raise NotImplementedError("Boltzmann sampling needs a base/proposal distribution: construct it with base=mu")
+            raise NotImplementedError(
+                "Boltzmann sampling needs a base/proposal distribution: construct it with base=mu"
+            )
         if hasattr(self.base, "sample_particles"):
             return self.base.sample_particles(count, generator=generator)
         return self.base.sample((count,)).movedim(0, -2)

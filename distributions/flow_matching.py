@@ -596,7 +596,9 @@ class SquashedFlowMatching(TransformedDistribution, TorchDistribution):
         transforms = [TanhTransform(cache_size=1), AffineTransform(center, half, event_dim=1, cache_size=1)]
         super().__init__(flow, transforms, validate_args=validate_args)
 
-    def expand(self, batch_shape: torch.Size, _instance: "SquashedFlowMatching | None" = None) -> "SquashedFlowMatching":
+    def expand(
+        self, batch_shape: torch.Size, _instance: "SquashedFlowMatching | None" = None
+    ) -> "SquashedFlowMatching":
         new = self._get_checked_instance(SquashedFlowMatching, _instance)
         return super().expand(batch_shape, _instance=new)
 

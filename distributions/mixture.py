@@ -21,7 +21,9 @@ class GaussianMixture(MixtureSameFamily, TorchDistribution):
 
     @classmethod
     def infer_shapes(cls, **arg_shapes):
-        raise NotImplementedError("a mixture's arguments are distributions, not tensors: use .batch_shape / .event_shape")
+        raise NotImplementedError(
+            "a mixture's arguments are distributions, not tensors: use .batch_shape / .event_shape"
+        )
 
     def sample_particles(self, num_particles: int, generator: torch.Generator | None = None) -> Tensor:
         components = self.component_distribution.base_dist

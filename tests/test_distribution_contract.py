@@ -317,7 +317,8 @@ def _box_evidence() -> float:
     """-log p(y) for a ~ U[-1, 1], y ~ N(a, s^2): p(y) = (Phi((1 - y) / s) - Phi((-1 - y) / s)) / 2."""
     normal = torch.distributions.Normal(0.0, 1.0)
     y = BOX_Y.item()
-    return -math.log(0.5 * (normal.cdf(torch.tensor((1 - y) / BOX_NOISE)) - normal.cdf(torch.tensor((-1 - y) / BOX_NOISE))))
+    upper, lower = normal.cdf(torch.tensor((1 - y) / BOX_NOISE)), normal.cdf(torch.tensor((-1 - y) / BOX_NOISE))
+    return -math.log(0.5 * (upper - lower))
 
 
 @pytest.mark.slow

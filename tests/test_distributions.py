@@ -9,7 +9,7 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor, nn
 
 from vgf_prob.distributions.boltzmann import Boltzmann
-from vgf_prob.distributions.flow_matching import FlowMatchingDistribution, FlowMatchingPolicy
+from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
 from vgf_prob.distributions.gaussian import DiagonalNormal, GaussianPolicy
 from vgf_prob.distributions.mixture import MixtureReference
 from vgf_prob.distributions.networks import ConditionalMLP
