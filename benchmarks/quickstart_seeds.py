@@ -53,6 +53,17 @@ def run_seed(args: argparse.Namespace, seed: int, out_root: Path) -> dict[str, A
     }  # fmt: skip
 
 
+def _label(row: dict[str, Any]) -> str:
+    return row["policy"] + ("" if row["L_test"] in (None, 0) else f" L={row['L_test']}")
+
+
+def _finished_run(path: Path) -> dict[str, Any]:
+    """A run directory's final rows and timings, from its summary.json."""
+    summary = json.loads((path / "summary.json").read_text())
+    return {"seed": summary["run"]["seed"], "dir": str(path), "rows": summary["final_scores"],
+            "phase_seconds": summary["phase_seconds"], "seconds": summary["seconds"]}  # fmt: skip
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (policy, L_test): mean and std over seeds of the per-seed mean score and mean return."""
     keys = [(r["policy"], r["L_test"]) for r in runs[0]["rows"]]
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from vgf_prob.cli import QUICKSTART
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     parser.add_argument("--dataset", default=QUICKSTART.dataset, help="generated dataset name (gym_generate)")
     parser.add_argument("--episodes", type=int, default=QUICKSTART.episodes, help="dataset episodes")
     parser.add_argument("--steps", type=int, default=QUICKSTART.steps, help="gradient steps")
@@ -87,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once, in separate processes (default 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart-seeds"), help="run directories")
     parser.add_argument("--json", type=Path, help="write the rows and the summary here")
+    parser.add_argument("--with-runs", type=Path, nargs="*", default=[],
+                        help="finished run directories (e.g. of `vgf-prob train --seed S`) to summarise with the "
+                             "seeds trained here; their summary.json gives the rows")  # fmt: skip
     args = parser.parse_args(argv)
 
     import torch
@@ -107,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             results = list(pool.map(run_seed, [args] * len(args.seeds), args.seeds, [args.out / stamp] * len(args.seeds)))
     else:
         results = (run_seed(args, seed, args.out / stamp) for seed in args.seeds)
-    runs = []
+    runs = [_finished_run(path) for path in args.with_runs]
+    for run in runs:
+        print(f"seed {run['seed']} ({run['dir']}): " + ", ".join(f"{_label(r)} {r['score']:.1f}" for r in run["rows"]))
     for seed, run in zip(args.seeds, results, strict=True):
         runs.append(run)
-        cells = ", ".join(f"{r['policy']}{'' if r['L_test'] in (None, 0) else ' L=' + str(r['L_test'])} "
-                          f"{r['score']:.1f}" for r in run["rows"])  # fmt: skip
+        cells = ", ".join(f"{_label(r)} {r['score']:.1f}" for r in run["rows"])
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in run["phase_seconds"].items() if v > 0)
         print(f"seed {seed}: {cells} ({run['seconds']:.0f} s wall: data {run['data_seconds']:.0f} s, {phases}; "
               f"{run['cpu_seconds']:.0f} s of CPU time)", flush=True)  # fmt: skip

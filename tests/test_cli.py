@@ -46,7 +46,7 @@ def quickstart_run(tmp_path_factory):
         torch.set_num_threads(threads)
         patch.undo()
     assert status == 0
-    cached = sorted((root / "cache").rglob("reacher-noisy-v0.hdf5"))
+    cached = sorted((root / "cache").rglob(f"{TINY_QUICKSTART.dataset}.hdf5"))
     return out, cached
 
 
@@ -56,7 +56,7 @@ def test_quickstart_trains_and_compares_bc_best_of_n_and_vgf(quickstart_run, cap
     summary = json.loads((out / "summary.json").read_text())
     policies = [(row["policy"], row["L_test"]) for row in summary["final_scores"]]
     assert policies == [("BC reference", None), ("best-of-N", 0), ("VGF", 1)]
-    assert summary["run"]["env_name"] == "reacher-noisy-v0"
+    assert summary["run"]["env_name"] == TINY_QUICKSTART.dataset
     assert (out / "latest.pt").exists() and (out / "learning_curve.png").stat().st_size > 0
     assert (out / "eval.csv").read_text().count("\n") == 4
 
@@ -76,7 +76,7 @@ def test_data_inspect_prints_a_summary(quickstart_run, capsys):
     _, cached = quickstart_run
     assert cli.main(["data", "inspect", str(cached[0])]) == 0
     text = capsys.readouterr().out
-    assert "obs_dim" in text and "reacher-noisy-v0" in text and "Reacher-v5" in text  # env known from the file
+    assert "obs_dim" in text and TINY_QUICKSTART.dataset in text and "Reacher-v5" in text  # env known from the file
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The ``vgf-prob`` command (also ``python -m vgf_prob``).
 
-    vgf-prob train                      # the quick start: cached OGBench data, small agent, comparison table
+    vgf-prob train                      # the quick start: generated Reacher data, small agent, comparison table
     vgf-prob train --dataset cube-single-play-singletask-task1-v0 --steps 1000000 --config batch_size=512
     vgf-prob train --dataset ~/d4rl/hopper_medium-v2.hdf5 --env hopper-medium-v2 --preset hopper
     vgf-prob eval runs/<run> --budgets 0 1 2 3 [--budget-type displacement]
@@ -42,27 +42,30 @@ DEFAULT_BUDGETS = (0, 1, 2, 3)
 
 @dataclass(frozen=True)
 class Quickstart:
-    """What ``vgf-prob train`` does without arguments (sized for <= 10 minutes on 2 CPU cores).
+    """What ``vgf-prob train`` does without arguments (about 4 minutes of CPU time, one thread).
 
-    A D4RL-format Reacher dataset generated offline by `vgf_prob.rl.gym_generate` (cached): a scripted
-    expert whose every action is replaced, with probability 1/2, by a uniform random one. The D4RL
-    setting of the paper (Stein variant, TD targets with the min over the two heads, flow with their
-    mean) with smaller networks, then the BC reference, best-of-N (L_test = 0) and VGF (L_test > 0)
-    on the same seeded episodes, scored as D4RL scores: 0 = uniform random, 100 = the scripted expert.
+    A D4RL-format Reacher dataset generated offline by `vgf_prob.rl.gym_generate` (cached, about a
+    second): a scripted expert whose every action is replaced, with probability 1/2, by a uniform random
+    one (``reacher-mixed-v0``, 200 episodes). The paper's D4RL setting (Stein variant, N = 10, K = 10, TD
+    targets with the min over the two heads, the flow with their mean, vgf_lr 0.1, alpha 0.1) with 2 x 128
+    networks instead of 4 x 512 and L_train = 1 instead of 5 (2.3x cheaper per update); then the BC
+    reference, best-of-N (L_test = 0) and VGF (L_test > 0) on the same seeded episodes, every
+    ``eval_every`` steps, scored as D4RL scores: 0 = uniform random actions, 100 = the scripted expert.
+    The search that chose this: benchmarks/main_job_search.md.
     ``threads``: torch intra-op threads. The networks are small, so a second thread gains little, and on
     a busy 2-core machine OpenMP oversubscription made an update 16x slower with 2 threads than with 1.
     """
 
-    dataset: str = "reacher-noisy-v0"
+    dataset: str = "reacher-mixed-v0"
     episodes: int = 200
     threads: int = 1
-    steps: int = 5000
+    steps: int = 3000
     eval_every: int = 1000
     eval_episodes: int = 50
-    budgets: tuple[int, ...] = (0, 1, 2, 3)
+    budgets: tuple[int, ...] = (0, 1, 2, 3, 5, 8)
     note: str = (
-        "Reacher: score 0 = uniform random actions, 100 = the scripted expert (the data's behaviour: 42); "
-        "± is the std over episodes"
+        "Reacher: D4RL score 0 = uniform random actions, 100 = the scripted expert; the data's behaviour "
+        "scores 42 (half its actions random). ± is the std over the 50 episodes"
     )
     overrides: tuple[tuple[str, Any], ...] = (
         ("variant", "stein"),
@@ -71,6 +74,8 @@ class Quickstart:
         ("critic_hidden_dims", (128, 128)),
         ("bc_hidden_dims", (128, 128)),
         ("train_budget", 1),
+        ("vgf_lr", 0.1),
+        ("alpha", 0.1),
     )
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import importlib
 import re
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import StringIO
 from typing import Any, Literal
@@ -23,6 +21,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor
+
+from vgf_prob.rl.env_warnings import quiet_env_warnings
 
 ActFn = Callable[[Tensor], Tensor]
 
@@ -188,21 +188,6 @@ def make_env(env_name: str, seed: int | None = None, max_episode_steps: int | No
         env.reset(seed=seed)
         env.action_space.seed(seed)
     return env
-
-
-@contextmanager
-def quiet_env_warnings() -> Iterator[None]:
-    """Silence two warnings that environment construction emits and no user can act on.
-
-    dm_control (imported by OGBench) probes the GLFW renderer at import and warns "The DISPLAY
-    environment variable is missing" on a headless machine (nothing here renders); gymnasium's ``Box``
-    warns "precision lowered by casting to float32" for OGBench's float64 action bounds of +-1, which
-    float32 holds exactly. Every other warning passes through.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*DISPLAY environment variable is missing")
-        warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32")
-        yield
 
 
 def _make(env_name: str, family: EnvFamily, make_kwargs: dict[str, Any], env_kwargs: Mapping[str, Any]) -> gym.Env:

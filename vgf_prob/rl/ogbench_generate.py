@@ -174,12 +174,16 @@ class _Collector:
 
     def __init__(self, env_name: str, episode_length: int) -> None:
         import gymnasium
-        import ogbench.manipspace  # noqa: F401  (registers the environments)
 
+        from vgf_prob.rl.env_warnings import quiet_env_warnings
+
+        with quiet_env_warnings():  # headless GLFW probe, float64 action bounds: nothing a user can act on
+            import ogbench.manipspace  # noqa: F401  (registers the environments)
+
+            self.env = gymnasium.make(
+                env_name, terminate_at_goal=False, mode="data_collection", max_episode_steps=episode_length
+            )
         self.env_name = env_name
-        self.env = gymnasium.make(
-            env_name, terminate_at_goal=False, mode="data_collection", max_episode_steps=episode_length
-        )
         self.oracles = _make_oracles(env_name, self.env)
         self.has_buttons = hasattr(self.env.unwrapped, "_cur_button_states")
 

@@ -130,7 +130,7 @@ def plot_budget_sweep(
     kind = rows[0].get("score_kind")
     has_return = all(row.get("mean_return") is not None for row in rows)
     if show_return is None:
-        saturated = len({row["score"] for row in rows}) == 1
+        saturated = len(rows) > 1 and len({row["score"] for row in rows}) == 1
         show_return = has_return and (kind == "success_rate" or saturated)
     elif show_return and not has_return:
         raise ValueError("show_return=True needs 'mean_return' in every row")
@@ -161,6 +161,8 @@ def plot_budget_sweep(
                             capsize=4, linestyle="none", color="tab:orange", label="best-of-N (L_test = 0)",
                             zorder=3)  # fmt: skip
                 label = "VGF"
+                if all(row["budget"] == 0 for row in series):
+                    continue
             ax.errorbar(
                 [position(row["budget"]) for row in series],
                 [row[key] for row in series],
