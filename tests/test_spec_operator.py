@@ -249,7 +249,7 @@ def test_sinkhorn_budget_keeps_the_exact_w2_within_the_radius(seed, radius, part
     value = TwoHeadQuadratic(seed, 2)
     x0 = random_cloud(seed, 3, particles, 2)
     radii = np.array([radius, radius / 3, 10.0])
-    budget = vgf.SinkhornBudget(torch.as_tensor(radii), blur=0.005, scaling=0.9) & vgf.StepBudget(5)
+    budget = vgf.SinkhornBudget(torch.as_tensor(radii), blur=0.005, scaling=0.8, bisection_steps=8) & vgf.StepBudget(5)
     flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(0.1), budget=budget)
     out = flow(torch.as_tensor(x0), None, value)
     x = out.particles.numpy()
