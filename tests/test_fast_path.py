@@ -581,3 +581,27 @@ def test_a_cuda_graph_captured_update_is_the_eager_update(bf16: bool) -> None:
             torch.testing.assert_close(info[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
     for p_graphed, p_eager in zip(graphed.parameters(), eager.parameters()):
         torch.testing.assert_close(p_graphed, p_eager, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cached_description_follows_changes_to_the_module_tree() -> None:
+    """The fast layer reuses a critic's description while its module tree is unchanged: a replaced layer, a
+    dtype conversion in place (new storages behind the same parameters) and a compile must all be seen."""
+    from vgf_prob.rl.networks import EnsembleLinear
+
+    critic = perturbed_critic()
+    encoded = critic.encode_obs(torch.randn(3, OBS, dtype=torch.float64)).detach()
+    x = torch.randn(3, 5, ACT, dtype=torch.float64)
+
+    def check(rtol: float) -> None:
+        with torch.no_grad():
+            enc, xs = encoded.to(critic.first.weight.dtype), x.to(critic.first.weight.dtype)
+            torch.testing.assert_close(fused_pass(critic)(enc, xs), critic.forward_from_encoding(enc, xs), rtol=rtol,
+                                       atol=rtol)
+
+    check(1e-12)
+    critic.trunk.hidden[0] = EnsembleLinear(3, 24, 20).double()
+    check(1e-12)
+    critic.float()
+    check(1e-5)
+    critic.trunk.compile()
+    assert fast.particle_pass(critic) is None  # the compiled forward runs, without a warning

@@ -32,7 +32,15 @@ import torch
 from torch import Tensor
 
 from vgf_prob.fast.buffers import Prepared, Workspace, cast
-from vgf_prob.fast.dispatch import autocast_off, broadcast_lead, compute_dtype, is_enabled, state, warn_fallback
+from vgf_prob.fast.dispatch import (
+    autocast_off,
+    broadcast_lead,
+    compute_dtype,
+    description,
+    is_enabled,
+    state,
+    warn_fallback,
+)
 from vgf_prob.fast.layers import Affine, LayerNorm, Network, ReLU, Unsupported
 
 NATIVE_NORM_DTYPES = {torch.bfloat16}
@@ -57,7 +65,7 @@ def particle_pass(owner: Any) -> ParticleValues | None:
     non-ensemble one, or its layers are not supported (then with one warning saying why)."""
     if not is_enabled() or not hasattr(owner, "describe_layers"):
         return None
-    net = owner.describe_layers()
+    net = description(owner)
     problem = net.layers if isinstance(net.layers, Unsupported) else _check(net)
     if problem is not None:
         if not problem.quiet:

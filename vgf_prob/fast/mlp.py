@@ -20,6 +20,7 @@ from vgf_prob.fast.dispatch import (
     autocast_off,
     broadcast_lead,
     compute_dtype,
+    description,
     graph_needed,
     is_enabled,
     state,
@@ -40,7 +41,7 @@ def _runnable(owner: Any, *inputs: Tensor) -> Network | None:
     layers supported), else None (warning once when the layers are not supported)."""
     if not is_enabled() or graph_needed(inputs, ()):
         return None
-    net = owner.describe_layers()
+    net = description(owner)
     if isinstance(net.layers, Unsupported):
         if not net.layers.quiet:
             warn_fallback(owner, net.layers.reason)
