@@ -76,7 +76,8 @@ def reward_at_ids(reward_model: RewardModel, batch, response_ids: torch.Tensor, 
             ids[k, i, positions] = response_ids[k, i, : len(positions)]
     embeds = reward_model.embedding_matrix[ids].reshape(b * n, length, -1).clone().requires_grad_(with_grad)
     with torch.set_grad_enabled(with_grad):
-        output = reward_model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.reshape(b * n, length).long())
+        mask = batch.attention_mask.reshape(b * n, length).long()
+        output = reward_model.model(inputs_embeds=embeds, attention_mask=mask)
         reward = output.logits.squeeze(-1).view(b, n)
     if not with_grad:
         return reward
@@ -119,7 +120,7 @@ def test_straight_through_value_is_the_reward_at_the_decoded_tokens(reward_model
     assert (raw - expected).abs().max() > 1e-3, "test particles too close to the table to tell the two values apart"
     got = value(None, x).detach()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5,
-                               msg=lambda m: f"straight-through value is not r at the decoded tokens:\n{m}")  # fmt: skip
+                               msg=lambda m: f"straight-through value is not r at the decoded tokens:\n{m}")
 
 
 def test_straight_through_gradient_is_the_reward_gradient_at_the_decoded_tokens(reward_model):

@@ -151,7 +151,8 @@ def test_stein_field_with_particle_adam_and_box_matches_the_hand_written_flow(ag
 
 
 def test_particle_adam_moves_lr_per_coordinate_on_its_first_step():
-    """Adam's first step is lr * sign(phi) (exactly lr phi / (|phi| + eps)) whatever the scale of Q (REFERENCE.md section 2)."""
+    """Adam's first step is lr * sign(phi), exactly lr phi / (|phi| + eps), whatever the scale of Q (REFERENCE.md
+    section 2)."""
     x0 = random_cloud(7, 2, 4, 3)
     for scale in (1e-3, 1.0, 1e3):
         value = lambda o, a, s=scale: -s * (a - 0.25).square().sum(-1)  # noqa: E731
@@ -159,7 +160,8 @@ def test_particle_adam_moves_lr_per_coordinate_on_its_first_step():
             torch.as_tensor(x0), None, value).particles.numpy()  # fmt: skip
         phi = 2 * scale * (0.25 - x0)
         expected = x0 + 0.07 * phi / (np.abs(phi) + 1e-8)  # m_hat = -phi, sqrt(v_hat) = |phi|
-        assert np.abs(got - expected).max() < 1e-12, f"first Adam step is not lr * phi / (|phi| + eps) at Q scale {scale}"
+        error = np.abs(got - expected).max()
+        assert error < 1e-12, f"first Adam step is off lr * phi / (|phi| + eps) by {error:.3g} at Q scale {scale}"
 
 
 # ------------------------------------------------------------------------------------------ budgets
