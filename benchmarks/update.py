@@ -114,7 +114,42 @@ def measure_row(name: str, args: argparse.Namespace, device: torch.device, dtype
         row["speedup_vs_jax"] = JAX_ANCHOR_MS[name] / row["ms_per_update"]
     if args.parts:
         row["parts"] = measure_parts(agent, batch, args, device)
+    if args.breakdown:
+        row["breakdown"] = breakdown(update)
     return row
+
+
+OP_CATEGORIES = (
+    ("products", ("mm", "linear_pointwise", "matmul", "linear")),
+    ("layer norm", ("layer_norm", "vector_norm")),
+    ("sort (Stein median)", ("sort", "median", "kthvalue")),
+    ("copies and casts", ("copy_", "_to_copy")),
+    ("allocation and fills", ("empty", "zero_", "fill_", "zeros", "ones")),
+)
+
+
+def breakdown(update) -> dict[str, Any]:
+    """Where an update's time goes, by torch's profiler over two updates: self time per operator category
+    (products; LayerNorm; the Stein bandwidth's sort; copies and casts; allocation; the rest, elementwise)
+    and the inclusive time of the optimisers' steps. Profiling adds overhead: read the shares, not the ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            update()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events if not e.key.startswith("Optimizer."))
+    shares: dict[str, float] = {}
+    for e in events:
+        if e.key.startswith("Optimizer."):
+            continue
+        name = next((cat for cat, keys in OP_CATEGORIES if any(k in e.key for k in keys)), "elementwise and other")
+        shares[name] = shares.get(name, 0.0) + e.self_cpu_time_total / total
+    adam = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step")) / total
+    top = sorted((e for e in events if not e.key.startswith("Optimizer.")), key=lambda e: -e.self_cpu_time_total)[:12]
+    return {"self_time_share": shares, "optimizer_step_share": adam,
+            "top_ops": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls_per_update": e.count / 2}
+                        for e in top]}
 
 
 def measure_parts(agent: VGFAgent, batch: dict[str, torch.Tensor], args: argparse.Namespace,
@@ -160,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bf16", action="store_true", help="config.flow_autocast_bf16=True (changes numerics)")
     parser.add_argument("--compile", action="store_true", help="config.compile=True (torch.compile)")
     parser.add_argument("--parts", action="store_true", help="also time BC sampling and the flow steps alone")
+    parser.add_argument("--breakdown", action="store_true", help="profile where the update's time goes")
     parser.add_argument("--no-ceiling", action="store_true", help="skip measuring the matrix-product rate")
     args = parser.parse_args(argv)
     device, dtype = setup(args)
@@ -178,6 +214,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {name}: {row['ms_per_update']:.1f} ms/update ({row['updates_per_s']:.2f}/s), "
               f"{row['achieved_gflops']:.0f} GFLOP/s, threads {row['env']['threads']}, load {row['env']['load_average']}",
               flush=True)
+        if "breakdown" in row:
+            b = row["breakdown"]
+            print("    self-time shares: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(
+                b["self_time_share"].items(), key=lambda kv: -kv[1])) + f"; optimiser steps {b['optimizer_step_share']:.1%}")
+            for op in b["top_ops"]:
+                print(f"      {op['op']:40s} {op['share']:6.1%}  {op['calls_per_update']:.0f} calls/update")
     print(format_rows(rows))
     payload = {"benchmark": "update", "env": env, "matmul_ceiling": ceiling, "rows": rows}
     write_json(args.json, payload)
