@@ -412,6 +412,11 @@ class FlowMatchingDistribution(TorchDistribution):
     # ---------------------------------------------------------------------------------------------- density
 
     def _check_density(self) -> None:
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "the flow's density takes Jacobians with torch.func, which torch.jit.trace cannot record "
+                "(JitTrace_ELBO): use Trace_ELBO"
+            )
         self.snapshot.check_unchanged()
         if self.spec.clip:
             raise NotImplementedError(

@@ -17,7 +17,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.distributions.testing.gof import auto_goodness_of_fit
-from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer import MCMC, NUTS, SVI, JitTrace_ELBO, Trace_ELBO
 from torch import Tensor
 
 from vgf_prob.distributions import (
@@ -418,3 +418,14 @@ def test_pyro_priors_on_the_flow_weights() -> None:
     policy.velocity_net.trunk[0].weight = PyroSample(prior)
     with pytest.raises(TypeError, match="PyroSample.*functional_call"):
         pyro.poutine.trace(lambda: pyro.sample("a", policy(obs))).get_trace()
+
+
+def test_jit_traced_elbo_is_refused_with_the_alternative() -> None:
+    policy = _linear_flow_1d(bound="none")
+
+    def guide() -> None:
+        pyro.module("guide", policy)
+        pyro.sample("a", policy(torch.zeros(1, dtype=torch.float64)))
+
+    with pytest.raises(NotImplementedError, match="use Trace_ELBO"):
+        JitTrace_ELBO(ignore_jit_warnings=True).loss_and_grads(_conjugate_model, guide)
