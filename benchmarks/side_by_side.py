@@ -5,6 +5,8 @@ matrix-product rates (float32 and bfloat16, MKL and oneDNN) measured at the star
     python benchmarks/side_by_side.py --threads 2 --rounds 2
     python benchmarks/side_by_side.py --threads 2 --compare /path/to/other/checkout   # before/after, interleaved
     python benchmarks/side_by_side.py --threads 2 --compile-rows small                # + config.compile=True rows
+    python benchmarks/side_by_side.py --threads 2 --jax-python /tmp/jaxenv/bin/python --vgf-repo /path/to/vgf
+                                                    # + the authors' JAX agents (jax_anchor.py), interleaved
 
 Writes benchmarks/results/<tag>.json and .md. The ratio columns are JAX ms / ours against the JAX figures in
 common.JAX_ANCHOR_MS (the issue's side-by-side run on its machine kind): name the CPU when quoting them.
@@ -53,6 +55,18 @@ def run(tree: Path, script: str, args: list[str], threads: int) -> dict[str, Any
         return json.loads(out.read_text())
 
 
+def run_jax(args: argparse.Namespace) -> dict[str, Any]:
+    """benchmarks/jax_anchor.py under ``--jax-python`` (the authors' agents, same problem, same threads)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "jax.json"
+        env = {**os.environ, "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}",
+               "OMP_NUM_THREADS": str(args.threads)}
+        command = [args.jax_python, str(HERE / "jax_anchor.py"), "--vgf-repo", str(args.vgf_repo), "--rows", args.rows,
+                   "--blocks", str(args.blocks), "--json", str(out)]
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -61,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", default=",".join(UPDATE_CONFIGS))
     parser.add_argument("--compare", type=Path, default=None, help="another checkout run interleaved with this one")
     parser.add_argument("--compile-rows", default="", help="rows also run with config.compile=True (float32)")
+    parser.add_argument("--jax-python", default=None, help="a python with JAX: run jax_anchor.py in each round")
+    parser.add_argument("--vgf-repo", type=Path, default=None, help="the authors' checkout, for --jax-python")
     parser.add_argument("--tag", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -73,7 +89,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("# product GFLOP/s at 2560x512 @ 512x512:", {k: round(v) for k, v in rate_start.items()}, flush=True)
     variants = [("fp32", []), ("bf16", ["--bf16"])] + [("compile", ["--compile"])] * bool(args.compile_rows)
     results: dict[tuple, list[float]] = {}
+    jax_runs: list[dict[str, Any]] = []
     for round_ in range(args.rounds):
+        if args.jax_python:
+            jax_runs.append(run_jax(args))
+            print(f"  round {round_} JAX     " + " ".join(f"{k} {v:.1f}" for k, v in
+                                                  {**jax_runs[-1]["update_ms"], **jax_runs[-1]["act_ms"]}.items()),
+                  flush=True)
         for tree_name, tree in trees.items():
             for variant, flags in variants:
                 rows = args.compile_rows.split(",") if variant == "compile" else args.rows.split(",")
@@ -95,15 +117,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     medians = {key: statistics.median(v) for key, v in results.items()}
     names = args.rows.split(",") + ["act_L0", "act_L1", "act_L3"]
     body = []
+    measured_jax = {name: statistics.median(r["update_ms"].get(name, r["act_ms"].get(name)) for r in jax_runs)
+                    for name in names if jax_runs and (name in jax_runs[0]["update_ms"] or name in jax_runs[0]["act_ms"])}
     for name in names:
-        jax = JAX_ANCHOR_MS.get(name)
+        jax = measured_jax.get(name, JAX_ANCHOR_MS.get(name))
         row = [name, jax]
         for tree_name in trees:
             for variant in ("fp32", "bf16"):
                 ms = medians.get((tree_name, variant, name))
                 row += [ms, jax / ms if jax and ms else None]
         body.append(row)
-    headers = ["config", "JAX ms (issue)"]
+    headers = ["config", "JAX ms (this run)" if measured_jax else "JAX ms (issue)"]
     for tree_name in trees:
         headers += [f"{tree_name} fp32 ms", "ratio", f"{tree_name} bf16 ms", "ratio"]
     lines = [f"CPU {env['cpu_model']} ({env['cpu_cores']} cores), flags {' '.join(env['cpu_flags'])}; torch "
@@ -121,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tag = args.tag or f"side-by-side-{args.threads}t-{time.strftime('%Y%m%d-%H%M')}"
     payload = {"env": env, "rates_start": rate_start, "rates_end": rate_end, "trees": {k: str(v) for k, v in trees.items()},
                "results_ms": {" / ".join(k): v for k, v in results.items()}, "medians_ms": {" / ".join(k): v for k, v in medians.items()},
-               "load_average_end": load_average()}
+               "jax_runs": jax_runs, "load_average_end": load_average()}
     write_json(HERE / "results" / f"{tag}.json", payload)
     (HERE / "results" / f"{tag}.md").write_text(summary + "\n")
     print(f"# wrote results/{tag}.json and .md")
