@@ -164,3 +164,18 @@ def test_plots_write_png_files(tmp_path):
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
     with pytest.raises(ValueError, match="not found"):
         plot_learning_curve(log, tmp_path / "bad.png", ["actor_loss"])
+
+
+def test_making_and_stepping_an_ogbench_env_warns_nothing():
+    """No gymnasium "precision lowered" warning (OGBench's float64 +-1 action bounds), however often the
+    action space is read, and no GLFW "DISPLAY is missing" warning when ogbench is first imported."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        env = make_env(CUBE, seed=0)
+        for _ in range(3):
+            env.step(np.zeros(env.action_space.shape))
+        env.close()
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "precision lowered" in m or "DISPLAY" in m], messages

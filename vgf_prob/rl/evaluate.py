@@ -179,6 +179,8 @@ def make_env(env_name: str, seed: int | None = None, max_episode_steps: int | No
     make_kwargs = {} if limit is None else {"max_episode_steps": limit}
     with quiet_env_warnings():
         env = _make(env_name, family, make_kwargs, env_kwargs)
+        if family.suite == "ogbench":
+            env = _QuietOGBench(env)
     if family.obs_dim is not None and env.observation_space.shape != (family.obs_dim,):
         raise RuntimeError(
             f"{env_name!r} ({key} family) gives observations of shape {env.observation_space.shape}, "
@@ -188,6 +190,23 @@ def make_env(env_name: str, seed: int | None = None, max_episode_steps: int | No
         env.reset(seed=seed)
         env.action_space.seed(seed)
     return env
+
+
+class _QuietOGBench(gym.Wrapper):
+    """OGBench's manipulation envs build a new float64-bounded ``Box`` (and gymnasium warns) each time their
+    action space is read, also inside ``step``: keep one copy, and step and reset under `quiet_env_warnings`."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.action_space = env.action_space
+
+    def step(self, action: Any) -> Any:
+        with quiet_env_warnings():
+            return self.env.step(action)
+
+    def reset(self, **kwargs: Any) -> Any:
+        with quiet_env_warnings():
+            return self.env.reset(**kwargs)
 
 
 def _make(env_name: str, family: EnvFamily, make_kwargs: dict[str, Any], env_kwargs: Mapping[str, Any]) -> gym.Env:
