@@ -330,7 +330,10 @@ def _run_locked(
                     tensorboard.add_scalar(f"eval/{_label(row)}", row["score"], step)
             if step != total_steps:  # the final scores are the result's table
                 bar.write(f"step {step}: " + ", ".join(f"{_label(r)} {r['score']:.1f}" for r in last_scores))
-            phase["evaluation"] += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            phase["evaluation"] += spent
+            tick += spent  # steps/s (log and bar) count training time only
+            bar.unpause()
 
         if checkpoint_now:
             t0 = time.perf_counter()
