@@ -60,7 +60,8 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "jax.json"
         env = {**os.environ, "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}",
-               "OMP_NUM_THREADS": str(args.threads)}
+               "OMP_NUM_THREADS": str(args.threads), "JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "jax-cache"),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # later rounds skip XLA's compilation
         command = [args.jax_python, str(HERE / "jax_anchor.py"), "--vgf-repo", str(args.vgf_repo), "--rows", args.rows,
                    "--blocks", str(args.blocks), "--json", str(out)]
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
