@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="VGFConfig overrides on top of the quick start's")  # fmt: skip
     parser.add_argument("--budgets", type=int, nargs="+", default=list(QUICKSTART.budgets), help="L_test values")
     parser.add_argument("--eval-episodes", type=int, default=QUICKSTART.eval_episodes, help="episodes per policy")
-    parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: only at the end)")
+    parser.add_argument("--eval-every", type=int, default=QUICKSTART.eval_every,
+                        help="steps between evaluations (default: the quick start's)")
     parser.add_argument("--threads", type=int, default=QUICKSTART.threads, help="torch threads per seed (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once, in separate processes (default 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart-seeds"), help="run directories")
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{run['cpu_seconds']:.0f} s of CPU time)", flush=True)  # fmt: skip
     summary = summarise(runs)
     load = os.getloadavg()
-    format_table(summary, title=f"{args.dataset}: {args.steps} steps, {len(args.seeds)} seeds (score: mean ± std over seeds)")
+    format_table(summary, title=f"{args.dataset}: {args.steps} steps, {len(runs)} seeds (score: mean ± std over seeds)")
     print(f"config overrides {args.config or 'none'}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
