@@ -184,7 +184,7 @@ def plot_budget_sweep(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize="medium", wrap=True)
     note = "error bars and bands: ± std over episodes"
     fig.text(0.99, 0.01, note, ha="right", va="bottom", fontsize="x-small", color="gray")
     return _save(fig, out_png)
