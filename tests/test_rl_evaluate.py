@@ -179,3 +179,13 @@ def test_making_and_stepping_an_ogbench_env_warns_nothing():
         env.close()
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "precision lowered" in m or "DISPLAY" in m], messages
+
+
+def test_progress_bars_name_the_policy_and_count_episodes_without_a_rate(capsys):
+    budget_sweep(lambda b: deterministic_act_fn, HOPPER, [0, 3], num_episodes=2, max_episode_steps=5,
+                 progress=True, num_envs=1)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "best-of-N L_test=0" in err and "VGF L_test=3" in err and "2/2 episodes" in err
+    assert "/s" not in err and "it/s" not in err  # no rate: lockstep episodes finish in bursts
+    evaluate(deterministic_act_fn, HOPPER, num_episodes=1, max_episode_steps=5, progress=True, label="BC reference")
+    assert "BC reference" in capsys.readouterr().err
