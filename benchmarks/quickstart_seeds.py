@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(args.threads,)) as pool:  # fmt: skip
-            results = list(pool.map(run_seed, [args] * len(args.seeds), args.seeds, [args.out / stamp] * len(args.seeds)))
+            count = len(args.seeds)
+            results = list(pool.map(run_seed, [args] * count, args.seeds, [args.out / stamp] * count))
     else:
         results = (run_seed(args, seed, args.out / stamp) for seed in args.seeds)
     runs = [_finished_run(path) for path in args.with_runs]

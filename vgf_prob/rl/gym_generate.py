@@ -185,7 +185,8 @@ def generate_gym_dataset(name: str, num_episodes: int, out: str | os.PathLike, s
             f["terminals"] = terminals
             f["timeouts"] = timeouts
             meta = {
-                "name": name, "gym_id": GYM_ID, "episodes": num_episodes, "seed": seed, "epsilon": behaviour.epsilon, "sigma": behaviour.sigma,
+                "name": name, "gym_id": GYM_ID, "episodes": num_episodes, "seed": seed,
+                "epsilon": behaviour.epsilon, "sigma": behaviour.sigma,
                 "expert_kp": behaviour.kp, "expert_kd": behaviour.kd,
                 "behaviour_mean_return": float(returns.mean()),
                 "behaviour_score": float(normalized_score(name, returns).mean()),
