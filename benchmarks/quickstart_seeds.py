@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from vgf_prob.rl.evaluate import format_table
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # one folder per invocation
     from vgf_prob.rl.gym_generate import ensure_gym_dataset
 
     ensure_gym_dataset(args.dataset, args.episodes)  # once, before any worker reads it
