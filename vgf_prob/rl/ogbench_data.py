@@ -76,7 +76,10 @@ def load_ogbench(
     ``metadata['env_name']`` is the single-task dataset name, which ``ogbench.make_env_and_datasets(name,
     env_only=True)`` turns into the evaluation environment; ``metadata['success_timing']`` is the timing.
     """
-    import ogbench
+    from vgf_prob.rl.env_warnings import quiet_env_warnings
+
+    with quiet_env_warnings():  # dm_control's headless GLFW probe at import
+        import ogbench
 
     text = str(dataset_name_or_path)
     base, single = ogbench_names(text, task_id)
@@ -98,9 +101,10 @@ def load_ogbench(
     arrays = _check_npz(path)
     _check_npz(val_path)
     try:
-        env, train, val = ogbench.make_env_and_datasets(
-            single, dataset_path=str(path), compact_dataset=False, success_timing=success_timing, **env_kwargs
-        )
+        with quiet_env_warnings():
+            env, train, val = ogbench.make_env_and_datasets(
+                single, dataset_path=str(path), compact_dataset=False, success_timing=success_timing, **env_kwargs
+            )
     except KeyError as err:  # the single-task relabelling reads arrays such as qpos / button_states
         raise ValueError(
             f"{path}: OGBench's loader needs the array {err.args[0]!r}, which the file lacks (it holds {arrays})"
