@@ -29,14 +29,18 @@ CONFIGS = {  # name -> (agent, overrides of the authors' get_config())
 OBS_DIM, ACTION_DIM, BATCH = 17, 6, 256
 
 
+CPU_SECONDS: list[float] = []  # process CPU seconds per wall second of each timed block (> 1: several threads)
+
+
 def timed(fn, calls: int, blocks: int) -> float:
     """Median seconds per call over ``blocks`` blocks of ``calls`` calls (results waited for)."""
     per_call = []
     for _ in range(blocks):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(calls):
             fn()
         per_call.append((time.perf_counter() - start) / calls)
+        CPU_SECONDS.append((time.process_time() - cpu) / (per_call[-1] * calls))
     return statistics.median(per_call)
 
 
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                     act()
                 result["act_ms"][f"act_L{budget}"] = timed(act, 20, args.blocks) * 1e3
                 print(f"  act L{budget}: {result['act_ms'][f'act_L{budget}']:.2f} ms", flush=True)
+    result["cpu_per_wall"] = statistics.median(CPU_SECONDS) if CPU_SECONDS else None
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

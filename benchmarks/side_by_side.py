@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,8 +63,11 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         env = {**os.environ, "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}",
                "OMP_NUM_THREADS": str(args.threads), "JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "jax-cache"),
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # later rounds skip XLA's compilation
-        command = [args.jax_python, str(HERE / "jax_anchor.py"), "--vgf-repo", str(args.vgf_repo), "--rows", args.rows,
-                   "--blocks", str(args.blocks), "--json", str(out)]
+        # XLA's CPU runtime runs independent operations on its own thread pool whatever the Eigen flag says:
+        # with --threads 1 the JAX process is pinned to one core (taskset), as torch's single thread is
+        pin = ["taskset", "-c", "0"] if args.threads == 1 and shutil.which("taskset") else []
+        command = [*pin, args.jax_python, str(HERE / "jax_anchor.py"), "--vgf-repo", str(args.vgf_repo), "--rows",
+                   args.rows, "--blocks", str(args.blocks), "--json", str(out)]
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
 
