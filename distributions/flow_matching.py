@@ -247,7 +247,24 @@ class ParameterSnapshot:
         return new
 
 
-class FlowMatchingDistribution(TorchDistribution):
+class _MomentsByMonteCarlo:
+    """A flow's mean, variance and entropy have no closed form: each raises and names the estimate to use."""
+
+    @property
+    def mean(self) -> Tensor:
+        raise NotImplementedError("a flow's mean has no closed form: estimate it with dist.sample((n,)).mean(0)")
+
+    @property
+    def variance(self) -> Tensor:
+        raise NotImplementedError("a flow's variance has no closed form: estimate it with dist.sample((n,)).var(0)")
+
+    def entropy(self) -> Tensor:
+        raise NotImplementedError(
+            "a flow's entropy has no closed form: estimate it with -dist.rsample_and_log_prob((n,))[1].mean(0)"
+        )
+
+
+class FlowMatchingDistribution(_MomentsByMonteCarlo, TorchDistribution):
     """Law of the flow's output x (module docstring) at ``obs [*B, O]``, clamped into the box when ``spec.clip``.
 
     ``log_prob`` is the exact discrete density of the Euler map (``method="euler"``) or the continuous-time density
@@ -306,18 +323,6 @@ class FlowMatchingDistribution(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
-    @property
-    def mean(self) -> Tensor:
-        raise NotImplementedError("a flow's mean has no closed form: estimate it with dist.sample((n,)).mean(0)")
-
-    @property
-    def variance(self) -> Tensor:
-        raise NotImplementedError("a flow's variance has no closed form: estimate it with dist.sample((n,)).var(0)")
-
-    def entropy(self) -> Tensor:
-        raise NotImplementedError(
-            "a flow's entropy has no closed form: estimate it with -dist.rsample_and_log_prob((n,))[1].mean(0)"
-        )
 
     # ---------------------------------------------------------------------------------------------- sampling
 
@@ -588,7 +593,7 @@ def _log_abs_det(jacobian: Tensor, dt: float, step: int) -> Tensor:
     return log_abs
 
 
-class SquashedFlowMatching(TransformedDistribution, TorchDistribution):
+class SquashedFlowMatching(_MomentsByMonteCarlo, TransformedDistribution, TorchDistribution):
     """a = c + h tanh(z), z ~ the unbounded flow (``bound="tanh"``): c, h the box's center and half-width.
 
     log p(a) = log p_z(z) - sum_i log(h_i (1 - tanh(z_i)^2)) (pyro's ``TransformedDistribution``, transforms
@@ -611,18 +616,6 @@ class SquashedFlowMatching(TransformedDistribution, TorchDistribution):
     def infer_shapes(cls, **arg_shapes):
         raise NotImplementedError("the event shape is the policy's action_dim, not a function of argument shapes")
 
-    @property
-    def mean(self) -> Tensor:
-        raise NotImplementedError("a flow's mean has no closed form: estimate it with dist.sample((n,)).mean(0)")
-
-    @property
-    def variance(self) -> Tensor:
-        raise NotImplementedError("a flow's variance has no closed form: estimate it with dist.sample((n,)).var(0)")
-
-    def entropy(self) -> Tensor:
-        raise NotImplementedError(
-            "a flow's entropy has no closed form: estimate it with -dist.rsample_and_log_prob((n,))[1].mean(0)"
-        )
 
     def _squash(self, z: Tensor) -> Tensor:
         for transform in self.transforms:

@@ -82,8 +82,10 @@ class VGFConfig:
 
     # --- speed ----------------------------------------------------------------------------------------
     fast_path: bool = True
-    """Encode each state once per network and reuse it for every particle and flow step (same numbers
-    up to float rounding); False runs the plain concat(obs, action) networks, for checking."""
+    """Run the agent's networks through `vgf_prob.fast` (each state encoded once per network and reused for
+    every particle and flow step, fused critic passes, the packed BC sampling loop; same numbers up to float
+    rounding). False turns every fast pass off inside the agent, BC sampling included, and runs the plain
+    concat(obs, action) modules by autograd, for checking (as `vgf_prob.fast.enabled(False)` does)."""
     flow_autocast_bf16: bool = False
     """Run the networks inside the flows (BC sampling, value gradients, target values) under bfloat16
     autocast. Changes numerics; measure before use."""
