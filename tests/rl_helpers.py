@@ -15,3 +15,21 @@ def synthetic_batch(seed: int, batch_size: int, obs_dim: int, action_dim: int, d
         "next_observations": torch.randn(batch_size, obs_dim, generator=g, dtype=dtype),
         "masks": (torch.rand(batch_size, generator=g) > 0.1).to(dtype),
     }
+
+
+class Crash(Exception):
+    """Stands in for the process being killed."""
+
+
+def crash_after(monkeypatch, dataset, calls: int) -> None:
+    """Make ``dataset.sample`` raise `Crash` on call ``calls + 1`` (the run dies inside that step)."""
+    original = dataset.sample
+    count = {"n": 0}
+
+    def sample(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise Crash
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "sample", sample)

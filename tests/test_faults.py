@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from rl_helpers import Crash, crash_after
 
 from vgf_prob import cli
 from vgf_prob.rl import checkpoint as ckpt
@@ -92,23 +93,6 @@ def rows_without_timing(path: Path) -> list[dict[str, str]]:
     """The log's rows without ``steps_per_second`` (wall-clock speed differs between runs; all else may not)."""
     with path.open(newline="") as f:
         return [{k: v for k, v in row.items() if k != "steps_per_second"} for row in csv.DictReader(f)]
-
-
-class Crash(Exception):
-    """Stands in for the process being killed."""
-
-
-def crash_after(monkeypatch, dataset: OfflineDataset, calls: int) -> None:
-    original = dataset.sample
-    count = {"n": 0}
-
-    def sample(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise Crash
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(dataset, "sample", sample)
 
 
 # ------------------------------------------------------------------------------------------ one writer

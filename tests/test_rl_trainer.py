@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rl_helpers import Crash, crash_after
 
 from vgf_prob.rl import checkpoint as ckpt
 from vgf_prob.rl.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
@@ -61,24 +62,6 @@ def assert_same_parameters(a, b) -> None:
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         if isinstance(x, torch.Tensor):
             assert torch.equal(x, y), name
-
-
-class Crash(Exception):
-    """Stands in for the process being killed."""
-
-
-def crash_after(monkeypatch, dataset: OfflineDataset, calls: int) -> None:
-    """Make ``dataset.sample`` raise on call ``calls + 1`` (the run dies inside that step)."""
-    original = dataset.sample
-    count = {"n": 0}
-
-    def sample(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise Crash
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(dataset, "sample", sample)
 
 
 @pytest.mark.parametrize("variant", ["stein", "amortized"])

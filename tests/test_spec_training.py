@@ -11,6 +11,7 @@ from pathlib import Path
 import ogbench
 import pytest
 import torch
+from rl_helpers import Crash, crash_after
 
 from vgf_prob import cli
 from vgf_prob.rl.checkpoint import load_checkpoint
@@ -84,10 +85,6 @@ def read(path: Path, drop: tuple[str, ...] = ()) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
-class Crash(Exception):
-    """Stands in for the process being killed."""
-
-
 def test_resume_restores_a_non_empty_metrics_window_after_a_mid_run_evaluation(tmp_path, monkeypatch):
     """Logs and evaluates every 3 steps, checkpoints every 4, killed during step 10: the checkpoint at step 8
     holds the window of steps 7-8 and follows the evaluations at steps 3 and 6; the killed run's log row and
@@ -98,15 +95,7 @@ def test_resume_restores_a_non_empty_metrics_window_after_a_mid_run_evaluation(t
     full = train(TINY, dataset(11, 3), HOPPER, tmp_path / "full", 10, **kwargs)
 
     killed = dataset(11, 3)
-    original, calls = killed.sample, {"n": 0}
-
-    def sample(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise Crash
-        return original(*args, **kw)
-
-    monkeypatch.setattr(killed, "sample", sample)
+    crash_after(monkeypatch, killed, 9)  # dies inside step 10
     with pytest.raises(Crash):
         train(TINY, killed, HOPPER, tmp_path / "killed", 10, **kwargs)
     monkeypatch.undo()
