@@ -1,7 +1,8 @@
-"""Synthetic offline-RL batches shared by the agent and fast-path tests."""
+"""Helpers shared by the RL tests: synthetic batches, a simulated crash, a one-thread fixture."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -33,3 +34,12 @@ def crash_after(monkeypatch, dataset, calls: int) -> None:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(dataset, "sample", sample)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread for the test, restored after (imported by name into the modules that want it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from rl_helpers import Crash, crash_after
+from rl_helpers import Crash, crash_after, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from vgf_prob import cli
 from vgf_prob.rl import checkpoint as ckpt
@@ -38,14 +38,6 @@ TINY = dict(batch_size=8, critic_hidden_dims=(16, 16), bc_hidden_dims=(16, 16), 
             num_particles=4, flow_steps=2, train_budget=1)  # fmt: skip
 TINY_CLI = ["--config", "batch_size=8", "critic_hidden_dims=16,16", "bc_hidden_dims=16,16",
             "amortized_hidden_dims=16,16", "flow_steps=2", "num_particles=4", "train_budget=1"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_dataset(size: int = 48, seed: int = 0) -> OfflineDataset:

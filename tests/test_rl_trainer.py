@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rl_helpers import Crash, crash_after
+from rl_helpers import Crash, crash_after, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from vgf_prob.rl import checkpoint as ckpt
 from vgf_prob.rl.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
@@ -20,14 +20,6 @@ from vgf_prob.rl.trainer import finetune, train
 TINY = dict(batch_size=8, critic_hidden_dims=(16, 16), bc_hidden_dims=(16, 16), amortized_hidden_dims=(16, 16),
             num_particles=4, flow_steps=2, train_budget=2)  # fmt: skip
 LOSS_COLUMNS = ("critic_loss", "bc_loss", "q_mean", "target_q", "flow_displacement")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_dataset(obs_dim: int = 3, action_dim: int = 2, size: int = 64, seed: int = 0) -> OfflineDataset:

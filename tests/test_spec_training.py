@@ -11,7 +11,7 @@ from pathlib import Path
 import ogbench
 import pytest
 import torch
-from rl_helpers import Crash, crash_after
+from rl_helpers import Crash, crash_after, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from vgf_prob import cli
 from vgf_prob.rl.checkpoint import load_checkpoint
@@ -23,14 +23,6 @@ TINY = VGFConfig(batch_size=8, critic_hidden_dims=(16, 16), bc_hidden_dims=(16, 
                  train_budget=1)  # fmt: skip
 MAZE = "pointmaze-medium-navigate-singletask-task1-v0"  # observations 2, actions 2; quick to build
 HOPPER = "hopper-medium-v2"  # observations 11, actions 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def dataset(obs_dim: int, action_dim: int, metadata: dict | None = None, size: int = 48) -> OfflineDataset:
