@@ -8,6 +8,7 @@ computed by hand, state by state, from the critics themselves.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -244,3 +245,106 @@ def test_critic_on_another_device_is_named():
     critic = CorlCritic(OBS, ACT).to("meta")
     with pytest.raises(ValueError, match="parameters on meta but the actions are on cpu"):
         vgf.as_value(critic, layout="rows")(torch.zeros(B, OBS), torch.zeros(B, N, ACT))
+
+
+# ---------------------------------------------------------------------------------------------- critics the adapters miss
+class JointCritic(nn.Module):
+    """One input: q(torch.cat([obs, act], -1)) -> [M, 1] (an MLP on the joint vector)."""
+
+    def __init__(self, obs_dim: int, action_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim + action_dim, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, joint):
+        return self.net(joint)
+
+
+class BatchNormCritic(CorlCritic):
+    """A CORL critic with BatchNorm after its first layer, left in train mode as a training loop leaves it."""
+
+    def __init__(self, state_dim: int, action_dim: int) -> None:
+        super().__init__(state_dim, action_dim)
+        self.net = nn.Sequential(nn.Linear(state_dim + action_dim, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5),
+                                 nn.Linear(32, 1))
+
+
+def test_a_one_input_critic_is_the_concat_layout_found_by_its_signature(setting):
+    obs, x0, flow = setting
+    q1, q2 = JointCritic(OBS, ACT), JointCritic(OBS, ACT)
+    value = vgf.as_value(q1, q2)
+    assert value.layout == "concat" and vgf.as_value(q1, layout="concat").layout == "concat"
+
+    def two_argument(critic):
+        return lambda s, a: critic(torch.cat([s, a], 1))
+
+    moved = gradient_steps_by_hand([two_argument(q1), two_argument(q2)], obs, x0, 3, 0.05)
+    assert torch.allclose(flow(x0, obs, value).particles, moved, atol=1e-6)
+    with torch.no_grad():
+        by_hand = torch.stack([per_state(two_argument(q), obs, moved) for q in (q1, q2)], -1)
+        assert torch.allclose(value(obs, moved), by_hand, atol=1e-6)
+        assert torch.allclose(vgf.as_value(q1.double(), layout="concat")(obs, moved), by_hand[..., 0], atol=1e-6)
+
+
+def test_a_critic_with_the_wrong_number_of_arguments_is_refused_with_the_fix():
+    v_network = nn.Sequential(nn.Linear(OBS, 32), nn.ReLU(), nn.Linear(32, 1))  # IQL's V(s): one input
+    with pytest.raises(TypeError, match=r"takes 1 positional argument\(s\), but layout 'rows' calls it with 2 .*"
+                                        r"layout='concat'.*IQL's"):
+        vgf.as_value(v_network, layout="rows")
+    with pytest.raises(TypeError, match=r"takes 2 positional .* layout 'concat' calls it with 1 .*layout='rows'"):
+        vgf.as_value(CorlCritic(OBS, ACT), layout="concat")
+    with pytest.raises(TypeError, match=r"takes 3 positional .*wrap it so that it takes \(obs, actions\)"):
+        vgf.as_value(lambda s, a, t: s)
+    # V(s) through the auto layout reaches concat by its signature and fails on the joined width, by name
+    with pytest.raises(RuntimeError, match=r"critic\(inputs \[24, 7\]\).*layout='rows'"):
+        vgf.as_value(v_network)(torch.randn(B, OBS), torch.randn(B, N, ACT))
+
+
+def test_a_train_mode_batchnorm_critic_keeps_its_statistics_and_its_mode(setting):
+    obs, x0, flow = setting
+    critic, target = BatchNormCritic(OBS, ACT), BatchNormCritic(OBS, ACT)
+    critic(torch.randn(32, OBS), torch.randn(32, ACT))  # a training step's forward: statistics move off their init
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    before_target = {k: v.clone() for k, v in target.state_dict().items()}
+    q, q_target = vgf.as_value(critic), vgf.as_value(target)
+    policy = flow(x0, obs, q)
+    with torch.no_grad():
+        flow.next_value(x0, obs, q, q_target)
+    flow.act(x0[:1, :1], obs[:1], q)  # one state, one particle: a train-mode BatchNorm would raise
+    for module, saved in ((critic, before), (target, before_target)):
+        assert module.training and all(m.training for m in module.modules())
+        for key, tensor in module.state_dict().items():
+            assert torch.equal(tensor, saved[key]), key
+    eval_critic = copy.deepcopy(critic).eval()
+    moved = gradient_steps_by_hand([eval_critic], obs, x0, 3, 0.05)  # deterministic: dropout off, running stats on
+    assert torch.allclose(policy.particles, moved, atol=1e-6)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # the trap the adapter avoids
+        critic(obs[:1], x0[0, :1])
+
+
+# ---------------------------------------------------------------------------------------------- TD targets
+@pytest.mark.parametrize("shape", [(B,), (B, 1)])
+def test_td_target_keeps_the_rewards_shape(setting, shape):
+    obs, x0, flow = setting
+    q = vgf.as_value(CorlCritic(OBS, ACT), CorlCritic(OBS, ACT))
+    reward, done = torch.randn(shape), torch.tensor([0.0, 1.0, 0.0, 1.0]).reshape(shape)
+    with torch.no_grad():
+        next_v = flow.next_value(x0, obs, q, q)
+    expected = torch.stack([reward.flatten()[b] + 0.9 * (1 - done.flatten()[b]) * next_v[b] for b in range(B)])
+    for target in (vgf.td_target(reward, next_v, discount=0.9, done=done),
+                   vgf.td_target(reward, next_v, discount=0.9, not_done=1 - done),
+                   vgf.td_target(reward, next_v.unsqueeze(-1), discount=torch.tensor(0.9), done=done.bool())):
+        assert target.shape == shape and torch.allclose(target.flatten(), expected)
+    assert torch.equal(vgf.td_target(reward, next_v, discount=0.0, not_done=1.0), reward)  # 0 means 0
+
+
+def test_td_target_refuses_shapes_that_would_broadcast_to_a_square():
+    next_v = torch.randn(B)
+    assert (torch.randn(B, 1) + next_v).shape == (B, B)  # the silent trap of the plain expression
+    with pytest.raises(ValueError, match=r"reward has shape \[1, 4\] but next_value has \[4\]; expected \[4\] or \[4, 1\]"):
+        vgf.td_target(torch.randn(1, B), next_v, discount=0.99, done=torch.zeros(B))
+    with pytest.raises(ValueError, match=r"done has shape \[4, 4\]"):
+        vgf.td_target(torch.randn(B, 1), next_v, discount=0.99, done=torch.zeros(B, B))
+    with pytest.raises(ValueError, match="exactly one of done= .* and not_done="):
+        vgf.td_target(torch.randn(B), next_v, discount=0.99)
+    with pytest.raises(TypeError, match="not_done must be a tensor or a number, got list"):
+        vgf.td_target(torch.randn(B), next_v, discount=0.99, not_done=[1.0])

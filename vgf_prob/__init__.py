@@ -13,7 +13,8 @@ _EXPORTS = {
     ),
     "vgf_prob.transport": ("BoxProjection", "ValueGradientFlow"),
     "vgf_prob.values": (
-        "CriticValue", "HeadAggregation", "NoActionGradientWarning", "as_value", "broadcast_observations", "evaluate",
+        "CriticValue", "HeadAggregation", "NoActionGradientWarning", "as_value", "broadcast_observations", "eval_mode",
+        "evaluate", "td_target",
     ),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -37,7 +38,9 @@ if TYPE_CHECKING:
         NoActionGradientWarning,
         as_value,
         broadcast_observations,
+        eval_mode,
         evaluate,
+        td_target,
     )
 
 
@@ -81,5 +84,7 @@ __all__ = [
     "ValueGradientFlow",
     "as_value",
     "broadcast_observations",
+    "eval_mode",
     "evaluate",
+    "td_target",
 ]

@@ -13,6 +13,8 @@ layout         what vgf-prob calls                                              
 ``rows``       ``critic(obs [M, O], actions [M, A])`` with M = B * N rows (obs        CORL / CleanRL critics:
                repeated per particle) -> ``[M]``, ``[M, 1]``, ``[M, H]`` or a tuple   ``torch.cat([s, a], 1)``
                or list of ``[M]`` / ``[M, 1]`` heads
+``concat``     ``critic(torch.cat([obs, actions], -1) [M, O + A])`` -> as ``rows``       one-input critics
+               (``critic(actions [M, A])`` when obs is None)                          (an MLP on the joint input)
 ``particles``  ``critic(obs [B, O], actions [B, N, A])`` -> ``[B, N]``, ``[B, N, H]``  critics that broadcast
                or a tuple of heads (the protocol itself)                              over particles already
 ``encoded``    ``critic.forward_from_encoding(critic.encode_obs(obs), actions)``     ``vgf_prob.rl.networks.
@@ -22,12 +24,18 @@ layout         what vgf-prob calls                                              
 
 Several critics (twin or ensemble modules) become heads side by side: ``as_value(q1, q2)`` returns
 ``[*B, N, 2]``. ``HeadAggregation`` combines heads into one number per particle by ``mean`` or ``min``.
+Inside a call the critic modules run in eval mode (`eval_mode`), so train-mode BatchNorm statistics are never
+updated on particles. ``td_target`` builds r + discount * (1 - done) * V(s') in the reward's own shape.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +44,7 @@ from vgf_prob.flows.fields import action_gradient
 
 ValueCallable = Callable[[Tensor | None, Tensor], Tensor]
 AGGREGATIONS = ("mean", "min")
-LAYOUTS = ("auto", "rows", "particles", "encoded")
+LAYOUTS = ("auto", "rows", "concat", "particles", "encoded")
 # exception classes a critic raises on inputs of the wrong shape or dtype; re-raised with what vgf-prob passed
 _SHAPE_ERRORS = (RuntimeError, TypeError, ValueError, IndexError)
 
@@ -49,7 +57,9 @@ __all__ = [
     "action_gradient",
     "as_value",
     "broadcast_observations",
+    "eval_mode",
     "evaluate",
+    "td_target",
 ]
 
 
@@ -164,14 +174,63 @@ def broadcast_observations(critic: Callable[[Tensor, Tensor], Tensor]) -> ValueC
     return value
 
 
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Every submodule of ``modules`` in eval mode inside the block, each back in its own mode after it.
+
+    A flow calls the critic on particles, not on data: in train mode BatchNorm would add the particles to its
+    running statistics (and refuse a batch of one row), and dropout would make the value gradient noise.
+    """
+    switched = [m for module in modules for m in module.modules() if m.training]
+    for m in switched:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.training = True
+
+
+def td_target(reward: Tensor, next_value: Tensor, *, discount: float | Tensor, done: Tensor | float | None = None,
+              not_done: Tensor | float | None = None) -> Tensor:
+    """y = r + discount * (1 - done) * V(s'), in the reward's shape.
+
+    ``next_value`` is ``flow.next_value(...)``'s ``[*B]`` (or ``[*B, 1]``); ``reward`` and the termination
+    mask (exactly one of ``done`` and ``not_done`` = 1 - done, a tensor or a number) are ``[*B]`` or ``[*B, 1]``,
+    as codebases keep them. The plain expression ``reward + not_done * discount * next_value`` silently
+    broadcasts ``[B, 1]`` against ``[B]`` to ``[B, B]``; here any other shape is refused by name.
+    """
+    if (done is None) == (not_done is None):
+        raise ValueError("td_target takes exactly one of done= (1 where the episode terminated) and not_done= (1 - done)")
+    lead = next_value.shape[:-1] if next_value.dim() > 1 and next_value.shape[-1] == 1 else next_value.shape
+    if not isinstance(reward, Tensor) or reward.dim() == 0:
+        raise TypeError(f"td_target: reward must be a tensor [*B] or [*B, 1], got {type(reward).__name__}")
+    allowed = (tuple(lead), (*lead, 1))
+    mask_name, mask = ("done", done) if done is not None else ("not_done", not_done)
+    for name, tensor in (("reward", reward), (mask_name, mask), ("discount", discount)):
+        if not isinstance(tensor, (Tensor, numbers.Real)):
+            raise TypeError(f"td_target: {name} must be a tensor or a number, got {type(tensor).__name__}")
+        if isinstance(tensor, Tensor) and tensor.dim() > 0 and tuple(tensor.shape) not in allowed:
+            raise ValueError(f"td_target: {name} has shape {list(tensor.shape)} but next_value has {list(next_value.shape)}; "
+                             f"expected {list(allowed[0])} or {list(allowed[1])} (one number per state)")
+    if isinstance(mask, Tensor):
+        mask = mask.reshape(reward.shape) if mask.dim() > 0 else mask
+        mask = mask.to(reward.dtype) if not mask.is_floating_point() else mask
+    if isinstance(discount, Tensor) and discount.dim() > 0:
+        discount = discount.reshape(reward.shape)
+    keep = 1 - mask if done is not None else mask
+    return reward + discount * keep * next_value.reshape(reward.shape)
+
+
 # ---------------------------------------------------------------------------------------------- adapters
 def as_value(*critics: Callable[..., object], layout: str = "auto") -> CriticValue:
     """A protocol value from one or several critics of another codebase (see the module docstring).
 
-    ``layout="auto"`` takes ``encoded`` when every critic has ``encode_obs`` and ``forward_from_encoding``; otherwise
-    the first call with two distinct states decides by a probe on two of them: ``particles`` when each critic
-    accepts the particle layout and agrees with ``rows`` on the probe, else ``rows`` (correct for every critic
-    that takes matched rows). Pass ``layout`` to skip the probe, e.g. for critics with train-mode BatchNorm.
+    ``layout="auto"`` takes ``encoded`` when every critic has ``encode_obs`` and ``forward_from_encoding``, and
+    ``concat`` when every critic's signature takes one positional argument; otherwise the first call with two
+    distinct states decides by a probe on two of them: ``particles`` when each critic accepts the particle layout
+    and agrees with ``rows`` on the probe, else ``rows`` (correct for every critic that takes matched rows). Pass
+    ``layout`` to skip the probe. A critic whose signature cannot take the layout's arguments is refused here.
     """
     return CriticValue(*critics, layout=layout)
 
@@ -181,8 +240,9 @@ class CriticValue:
 
     Inputs are cast to the first critic module's floating dtype when they differ (the cast is differentiable,
     and the result is returned in the actions' dtype), and rejected with a named error when they sit on
-    another device. In the ``encoded`` layout the critic's parameters get no gradient; call the critic itself
-    for its training loss.
+    another device. The critic modules run in eval mode during a call and get their modes back after it, so
+    BatchNorm running statistics never see particles. In the ``encoded`` layout the critic's parameters get no
+    gradient; call the critic itself for its training loss.
     """
 
     def __init__(self, *critics: Callable[..., object], layout: str = "auto") -> None:
@@ -197,7 +257,13 @@ class CriticValue:
         if layout == "encoded" and not encodable:
             raise ValueError("layout 'encoded' needs critics with encode_obs(obs) and forward_from_encoding(encoded, actions)")
         self.critics = critics
+        arities = [_positional_arity(critic) for critic in critics]
+        if layout == "auto" and not encodable and all(a is not None and a[1] == 1 for a in arities):
+            layout = "concat"
         self.layout: str | None = "encoded" if layout == "auto" and encodable else (None if layout == "auto" else layout)
+        if self.layout != "encoded":
+            for index, arity in enumerate(arities):
+                _check_arity(self._name(index), arity, self.layout or "auto")
         self.modules = [module for critic in critics if (module := _module_of(critic)) is not None]
         self._encodings: dict[int, tuple[Tensor, int, tuple[int, ...], Tensor, ValueCallable]] = {}
 
@@ -210,8 +276,9 @@ class CriticValue:
         if actions.dim() < 2:
             raise ValueError(f"actions must have shape [*B, N, A]; got {_shape(actions)}")
         obs_in, actions_in = self._match(obs, actions)
-        layout = self.layout if self.layout is not None else self._decide(obs_in, actions_in)
-        return self._values(layout, obs_in, actions_in).to(actions.dtype)
+        with eval_mode(*self.modules):
+            layout = self.layout if self.layout is not None else self._decide(obs_in, actions_in)
+            return self._values(layout, obs_in, actions_in).to(actions.dtype)
 
     # -------------------------------------------------------------------- matching dtype and device
     def _match(self, obs: Tensor | None, actions: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -237,10 +304,12 @@ class CriticValue:
     # -------------------------------------------------------------------- layouts
     def _values(self, layout: str, obs: Tensor | None, actions: Tensor) -> Tensor:
         lead = actions.shape[:-1]
-        if layout == "rows":
+        if layout in ("rows", "concat"):
             rows = lead.numel()
             args = (None if obs is None else obs.unsqueeze(-2).expand(*lead, obs.shape[-1]).reshape(rows, -1),
                     actions.reshape(rows, actions.shape[-1]))
+            if layout == "concat":
+                args = (args[1] if args[0] is None else torch.cat(args, dim=-1),)
             out_lead = torch.Size([rows])
         elif layout == "particles":
             args, out_lead = (obs, actions), lead
@@ -259,7 +328,7 @@ class CriticValue:
                     out = critic(*args)
             except _SHAPE_ERRORS as err:
                 _reraise(err, self._call_error(index, layout, args, err))
-            heads.append(_as_heads(out, out_lead, self._name(index), layout, args))
+            heads.append(_as_heads(out, out_lead, self._name(index), layout, _described(layout, args)))
         q = torch.cat(heads, dim=-1) if len(heads) > 1 else heads[0]
         q = q.reshape(*lead, q.shape[-1])
         return q.squeeze(-1) if q.shape[-1] == 1 else q
@@ -320,13 +389,12 @@ class CriticValue:
         return f"critic {index} ({name})" if len(self.critics) > 1 else f"the critic ({name})"
 
     def _call_error(self, index: int, layout: str, args: Sequence[Tensor | None], err: Exception) -> str:
-        passed = {
-            "rows": f"critic(obs {_shape(args[0])}, actions {_shape(args[1])}): matched rows, B * N of them",
-            "particles": f"critic(obs {_shape(args[0])}, actions {_shape(args[1])}): particles [B, N, A]",
-            "encoded": f"critic.forward_from_encoding(critic.encode_obs(obs {_shape(args[0])}), actions {_shape(args[1])})",
-        }[layout]
+        passed = _described(layout, args) + {
+            "rows": ": matched rows, B * N of them", "concat": ": one input, obs and actions joined per row",
+            "particles": ": particles [B, N, A]", "encoded": ""}[layout]
         hint = {
             "rows": "a critic that takes obs [B, O] with actions [B, N, A] needs as_value(critic, layout='particles')",
+            "concat": "a critic that takes (obs, actions) needs as_value(critic, layout='rows') (or layout='auto')",
             "particles": "a critic written for matched rows (torch.cat([obs, actions], dim=1)) needs "
                          "as_value(critic, layout='rows') (or layout='auto')",
             "encoded": "a critic whose encode_obs/forward_from_encoding differ from vgf_prob.rl.networks.EnsembleCritic's "
@@ -347,7 +415,47 @@ def _has_encoding(critic) -> bool:
     return callable(getattr(critic, "encode_obs", None)) and callable(getattr(critic, "forward_from_encoding", None))
 
 
-def _as_heads(out: object, lead: torch.Size, name: str, layout: str, args: Sequence[Tensor | None]) -> Tensor:
+def _described(layout: str, args: Sequence[Tensor | None]) -> str:
+    """The call vgf-prob made, with the shapes it passed."""
+    if layout == "concat":
+        return f"critic(inputs {_shape(args[0])})"
+    if layout == "encoded":
+        return f"critic.forward_from_encoding(critic.encode_obs(obs {_shape(args[0])}), actions {_shape(args[1])})"
+    return f"critic(obs {_shape(args[0])}, actions {_shape(args[1])})"
+
+
+def _positional_arity(critic) -> tuple[int, float] | None:
+    """(required, most) positional arguments of ``critic`` (a module's ``forward``), or None when unknown."""
+    try:
+        signature = inspect.signature(critic.forward if isinstance(critic, nn.Module) else critic)
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in signature.parameters.values() if p.kind in kinds]
+    required = sum(p.default is inspect.Parameter.empty for p in positional)
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values())
+    return required, math.inf if variadic else len(positional)
+
+
+def _check_arity(name: str, arity: tuple[int, float] | None, layout: str) -> None:
+    """A TypeError naming the fix when ``layout`` calls the critic with a number of arguments it cannot take."""
+    count = 1 if layout == "concat" else 2
+    if arity is None or arity[0] <= count <= arity[1]:
+        return
+    takes = f"{arity[0]}" if arity[0] == arity[1] else f"{arity[0]} to {arity[1]}"
+    if arity[1] == 1:
+        fix = ("a critic on one joined input, critic(torch.cat([obs, actions], -1)), takes as_value(critic, "
+               "layout='concat'); a state-value network V(obs) (IQL's) cannot drive the flow, which needs Q(obs, "
+               "actions): train V with its own target and pass the Q network")
+    elif layout == "concat":
+        fix = "a critic(obs, actions) takes as_value(critic, layout='rows') (or layout='auto')"
+    else:
+        fix = "wrap it so that it takes (obs, actions), e.g. lambda obs, actions: critic(obs, actions, ...)"
+    raise TypeError(f"{name} takes {takes} positional argument(s), but layout '{layout}' calls it with {count} "
+                    f"({'the joined input' if count == 1 else 'obs, actions'}); {fix}")
+
+
+def _as_heads(out: object, lead: torch.Size, name: str, layout: str, called: str) -> Tensor:
     """One critic's output as ``[*lead, h]``: a tensor ``lead``, ``lead + (1,)`` or ``lead + (h,)``, or a
     tuple/list of tensors ``lead`` or ``lead + (1,)`` (one head each)."""
     if isinstance(out, Tensor):
@@ -362,7 +470,7 @@ def _as_heads(out: object, lead: torch.Size, name: str, layout: str, args: Seque
            if isinstance(out, (tuple, list)) else _shape(out) if isinstance(out, Tensor) else type(out).__name__)
     want = list(lead)
     raise ValueError(
-        f"{name} returned {got} for obs {_shape(args[0])} and actions {_shape(args[1])} (layout '{layout}'); expected "
+        f"{name} returned {got} for {called} (layout '{layout}'); expected "
         f"{want}, {want + [1]}, {want + ['heads']} or a tuple/list of {want} or {want + [1]} heads"
     )
 
