@@ -9,10 +9,12 @@
 the whole pipeline offline on a CPU (``vgf-prob llm``).
 """
 
+from vgf_prob.llm.cost import ComputeCost
 from vgf_prob.llm.decode import NearestTokenDecoder, edit_distance, rewrite_response
 from vgf_prob.llm.embedding_space import (
     DEFAULT_TEMPLATE,
     ResponseProjection,
+    chat_template,
     TokenizedResponses,
     check_prompts,
     check_tokenizer,
@@ -26,13 +28,21 @@ from vgf_prob.llm.refine import (
     Refinement,
     VGFRefiner,
 )
-from vgf_prob.llm.reward import ResponseValue, RewardModel, check_accepts_inputs_embeds
+from vgf_prob.llm.reward import (
+    LastTokenScorer,
+    ResponseValue,
+    RewardModel,
+    check_accepts_inputs_embeds,
+    default_padding_side,
+)
 from vgf_prob.llm.reward_head import MeanPoolRewardModel, fit_reward_head
 
 __all__ = [
     "DEFAULT_TEMPLATE",
     "BaseLanguageModel",
     "BestOfN",
+    "ComputeCost",
+    "LastTokenScorer",
     "MeanPoolRewardModel",
     "NearestTokenDecoder",
     "PlainSampling",
@@ -43,9 +53,11 @@ __all__ = [
     "RewardModel",
     "TokenizedResponses",
     "VGFRefiner",
+    "chat_template",
     "check_accepts_inputs_embeds",
     "check_prompts",
     "check_tokenizer",
+    "default_padding_side",
     "edit_distance",
     "fit_reward_head",
     "load_smollm2",

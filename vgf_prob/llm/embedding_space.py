@@ -26,11 +26,45 @@ DEFAULT_TEMPLATE = "{prompt}\n{response}"
 __all__ = [
     "DEFAULT_TEMPLATE",
     "ResponseProjection",
+    "chat_template",
     "TokenizedResponses",
     "check_prompts",
     "check_tokenizer",
     "tokenize_responses",
 ]
+
+
+def chat_template(tokenizer: Any, system_prompt: str | None = None) -> str:
+    """The tokenizer's chat template rendered as a ``RewardModel`` template: user turn ``{prompt}``, assistant
+    turn ``{response}``, every literal brace doubled.
+
+    ``RewardModel`` tokenises with ``add_special_tokens=True``, so a BOS that the tokenizer adds by itself
+    must not also be in the template: a leading BOS is dropped only when the tokenizer adds it (its ids start
+    with ``bos_token_id`` with special tokens and not without) and the rendered text starts with exactly the
+    BOS string. A ChatML template whose BOS string is its own turn marker (SmolLM2: ``<|im_start|>``, not
+    added by the tokenizer) is kept whole.
+    """
+    marks = {"prompt": "\ue000prompt\ue000", "response": "\ue000response\ue000"}
+    messages = [{"role": "user", "content": marks["prompt"]}, {"role": "assistant", "content": marks["response"]}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if any(text.count(mark) != 1 for mark in marks.values()):
+        raise ValueError("the chat template does not write the user and assistant contents once each")
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and _adds_bos(tokenizer):
+        text = text[len(bos) :]
+    text = text.replace("{", "{{").replace("}", "}}")
+    for name, mark in marks.items():
+        text = text.replace(mark, "{" + name + "}")
+    return text
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos_id is not None and with_special[:1] == [bos_id] and without[:1] != [bos_id]
 
 
 def check_prompts(prompts: Sequence[str], responses: Sequence[Sequence[str]] | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vgf_prob.llm.cost import Counted
 from vgf_prob.llm.embedding_space import check_prompts, check_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,11 +26,15 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 __all__ = ["SMOLLM2_GGUF", "BaseLanguageModel", "load_smollm2", "smollm2_gguf_path"]
 
 
-class BaseLanguageModel:
-    """mu(y | x) from a transformers causal LM: ``sample`` draws responses, ``log_likelihood`` scores them."""
+class BaseLanguageModel(Counted):
+    """mu(y | x) from a transformers causal LM: ``sample`` draws responses, ``log_likelihood`` scores them.
+
+    ``cost`` counts the responses sampled and the sequences scored (``ComputeCost``).
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any, chat: bool | None = None, system_prompt: str | None = None) -> None:
         check_tokenizer(tokenizer, model, "base model")
+        super().__init__()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
@@ -81,6 +86,7 @@ class BaseLanguageModel:
                 pad_token_id=self.pad_id,
             )
         texts = self.tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+        self._count("lm_samples", len(texts))
         return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
     def log_likelihood(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> tuple[Tensor, Tensor]:
@@ -107,6 +113,7 @@ class BaseLanguageModel:
             scored = scored[:, 1:].to(self.device)
             totals.append((log_probs * scored).sum(-1).cpu())
             counts.append(scored.sum(-1).cpu())
+        self._count("lm_scored", len(contexts))
         return torch.cat(totals), torch.cat(counts)
 
     def _left_padded(self, sequences: list[list[int]]) -> tuple[Tensor, Tensor]:

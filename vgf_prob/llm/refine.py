@@ -12,17 +12,26 @@ the base model per prompt, and picks one response per prompt:
 
 Every method reports per prompt the reward before (the response it started from) and after, what the flow
 spent, the token edit distance to the starting response (in the reward model's tokens) and, given a base
-model, the log-likelihood of both under it.
+model, the log-likelihood of both under it; and in ``Refinement.cost`` what choosing took: reward-model
+forward and forward+backward passes and base-model calls, counted by the models themselves (``ComputeCost``;
+passes that only fill the report are not counted), and the responses it consumed as ``lm_samples``.
+
+Extension beyond the paper (off by default): ``base_weight=beta`` makes the value that picks the answer
+r(x, y) + beta * log mu(y | x) / |y| (the base model's log-likelihood per token of the decoded text, so length
+does not dominate). The base model reads text in its own tokenizer, so the term enters the choice among the
+decoded particles (and best-of-N's choice), not the flow's gradient.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
+from vgf_prob.llm.cost import ComputeCost
 from vgf_prob.llm.decode import NearestTokenDecoder, edit_distance, rewrite_response
 from vgf_prob.llm.embedding_space import (
     ResponseProjection,
@@ -69,9 +78,10 @@ class PromptReport:
 
 @dataclass
 class Refinement:
-    """One ``PromptReport`` per prompt, with the chosen responses in ``responses``."""
+    """One ``PromptReport`` per prompt, with the chosen responses in ``responses``; ``cost``: what the call spent."""
 
     reports: list[PromptReport]
+    cost: ComputeCost = field(default_factory=ComputeCost)
 
     @property
     def responses(self) -> list[str]:
@@ -86,8 +96,26 @@ class Refinement:
 
 
 class _Method:
-    def __init__(self, reward_model: RewardModel, base: BaseLanguageModel | None = None) -> None:
-        self.reward_model, self.base = reward_model, base
+    def __init__(self, reward_model: RewardModel, base: BaseLanguageModel | None = None, base_weight: float = 0.0) -> None:
+        if not (math.isfinite(base_weight) and base_weight >= 0):
+            raise ValueError(f"base_weight must be a finite number >= 0, got {base_weight}")
+        if base_weight > 0 and base is None:
+            raise ValueError("base_weight > 0 adds beta * log mu(y | x) / |y| to the value: pass base=BaseLanguageModel")
+        self.reward_model, self.base, self.base_weight = reward_model, base, base_weight
+
+    def _spent(self) -> ComputeCost:
+        """The counters of the models this method calls (subtract two readings for one call's cost)."""
+        cost = self.reward_model.cost.copy()
+        return cost if self.base is None else cost + self.base.cost
+
+    def _choose(self, prompts: Sequence[str], texts: list[list[str]], rewards: Tensor) -> Tensor:
+        """argmax_i r_i + beta * log mu(y_i | x) / |y_i| per prompt (no base-model pass when beta = 0)."""
+        if self.base_weight == 0:
+            return rewards.argmax(-1)
+        flat = [(prompt, text) for prompt, group in zip(prompts, texts) for text in group]
+        total, count = self.base.log_likelihood([p for p, _ in flat], [t for _, t in flat])
+        per_token = torch.where(count > 0, total / count.clamp_min(1), -math.inf).view(rewards.shape)
+        return (rewards + self.base_weight * per_token.to(rewards)).argmax(-1)
 
     def _report(
         self,
@@ -96,6 +124,7 @@ class _Method:
         final: TokenizedResponses,
         final_rewards: Tensor,
         chosen: Tensor,
+        cost: ComputeCost,
         extras: list[dict] | None = None,
     ) -> Refinement:
         reports = []
@@ -117,32 +146,38 @@ class _Method:
             )
         if self.base is not None:
             prompts = [r.prompt for r in reports]
-            before, before_n = self.base.log_likelihood(prompts, [r.reference for r in reports])
-            after, after_n = self.base.log_likelihood(prompts, [r.response for r in reports])
+            with self.base.uncounted():
+                before, before_n = self.base.log_likelihood(prompts, [r.reference for r in reports])
+                after, after_n = self.base.log_likelihood(prompts, [r.response for r in reports])
             for k, report in enumerate(reports):
                 report.log_likelihood_before, report.tokens_before = float(before[k]), int(before_n[k])
                 report.log_likelihood_after, report.tokens_after = float(after[k]), int(after_n[k])
-        return Refinement(reports)
+        return Refinement(reports, cost)
 
 
 class PlainSampling(_Method):
-    """The first of the N sampled responses (a draw from the base model), scored by the reward model."""
+    """The first of the N sampled responses (a draw from the base model; its cost is that one sample)."""
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> Refinement:
         check_prompts(prompts, responses)
         batch = self.reward_model.tokenize(prompts, responses)
-        rewards = self.reward_model.score_batch(batch)
-        return self._report(batch, rewards, batch, rewards, torch.zeros(len(prompts), dtype=torch.long))
+        with self.reward_model.uncounted():
+            rewards = self.reward_model.score_batch(batch)
+        cost = ComputeCost(lm_samples=len(prompts))
+        return self._report(batch, rewards, batch, rewards, torch.zeros(len(prompts), dtype=torch.long), cost)
 
 
 class BestOfN(_Method):
-    """argmax_i r(x, y_i) over the N sampled responses (the flow with zero budget)."""
+    """argmax_i r(x, y_i) over the N sampled responses (the flow with zero budget); + beta log mu with base_weight."""
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> Refinement:
         check_prompts(prompts, responses)
+        before = self._spent()
         batch = self.reward_model.tokenize(prompts, responses)
         rewards = self.reward_model.score_batch(batch)
-        return self._report(batch, rewards, batch, rewards, rewards.argmax(-1))
+        chosen = self._choose(prompts, batch.responses, rewards)
+        cost = self._spent() - before + ComputeCost(lm_samples=batch.input_ids.shape[0] * batch.input_ids.shape[1])
+        return self._report(batch, rewards, batch, rewards, chosen, cost)
 
 
 class VGFRefiner(_Method):
@@ -152,7 +187,9 @@ class VGFRefiner(_Method):
     which keeps padding fixed and, with ``response_radius``, bounds every response's own displacement).
     ``decoder`` defaults to ``NearestTokenDecoder`` over the whole vocabulary minus the special tokens;
     ``straight_through`` reads the reward and its gradient at the decoded tokens during the flow
-    (``ResponseValue``), else at the moved embeddings themselves.
+    (``ResponseValue``), else at the moved embeddings themselves. ``base_weight``: the extension above.
+    Cost per particle: one forward+backward pass per flow step (the first also scores the start) and one
+    forward on the decoded text.
     """
 
     def __init__(
@@ -163,8 +200,9 @@ class VGFRefiner(_Method):
         base: BaseLanguageModel | None = None,
         response_radius: float | None = None,
         straight_through: bool = True,
+        base_weight: float = 0.0,
     ) -> None:
-        super().__init__(reward_model, base)
+        super().__init__(reward_model, base, base_weight)
         if flow.projection is not None:
             raise ValueError(
                 "the flow must have projection=None: VGFRefiner projects onto the response coordinates itself "
@@ -177,6 +215,7 @@ class VGFRefiner(_Method):
     def __call__(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> Refinement:
         check_prompts(prompts, responses)
         rm = self.reward_model
+        before = self._spent()
         start = rm.tokenize(prompts, responses)
         x0 = rm.particles(start)
         value = rm.value(start, snap=self.decoder if self.straight_through else None)
@@ -184,13 +223,14 @@ class VGFRefiner(_Method):
         policy = flow(x0, None, value)
         x = policy.particles
         b, n, t = start.shape
-        with torch.no_grad():
-            particle_rewards = value(None, x)
         new_ids = self.decoder(x.view(b, n, t, -1), start.response_ids)
         texts = [[_rewrite(start, k, i, new_ids[k, i], rm.tokenizer) for i in range(n)] for k in range(b)]
         final = rm.tokenize(prompts, texts)
         final_rewards = rm.score_batch(final)
-        chosen = final_rewards.argmax(-1)
+        chosen = self._choose(prompts, texts, final_rewards)
+        cost = self._spent() - before + ComputeCost(lm_samples=b * n)
+        with rm.uncounted(), torch.no_grad():
+            particle_rewards, start_rewards = value(None, x), rm.score_batch(start)
         own = (x - x0).norm(dim=-1)
         report = policy.report
         spent = {"steps": report.steps, "displacement": report.displacement, **report.budget_spent}
@@ -202,7 +242,7 @@ class VGFRefiner(_Method):
             }
             for k in range(b)
         ]
-        return self._report(start, rm.score_batch(start), final, final_rewards, chosen, extras)
+        return self._report(start, start_rewards, final, final_rewards, chosen, cost, extras)
 
 
 def _non_special(reward_model: RewardModel) -> Tensor:
