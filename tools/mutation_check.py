@@ -38,6 +38,8 @@ OPERATOR = ["tests/test_spec_operator.py"]
 LLM = ["tests/test_spec_llm.py"]
 TRAINING = ["tests/test_spec_training.py"]
 D4RL = ["tests/test_rl_data.py", "-k", "d4rl"]
+SURVIVORS = ["tests/test_mutation_survivors.py"]
+ODE_BUDGET = ["tests/test_ode_budget.py", "-k", "constant"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,53 @@ MUTATIONS = [
     Mutation("d4rl-actions-unclipped", "vgf_prob/rl/d4rl.py",
              "D4RL_ACTION_BOUND = 1.0 - 1e-5", "D4RL_ACTION_BOUND = 1.0", tuple(D4RL),
              "dataset actions are clipped to +-1 instead of +-(1 - 1e-5)"),
+    # ---- issue 24: the survivors of 39 planted mutations, now caught by tests/test_mutation_survivors.py
+    Mutation("as-value-probe-first-two-states", "vgf_prob/values.py",
+             "states = torch.tensor([0, other], device=actions.device)",
+             "states = torch.tensor([0, 1], device=actions.device)", tuple(SURVIVORS),
+             "as_value's layout probe takes states 0 and 1 instead of two states with different obs"),
+    Mutation("as-value-result-not-cast-back", "vgf_prob/values.py",
+             "return self._values(layout, obs_in, actions_in).to(actions.dtype)",
+             "return self._values(layout, obs_in, actions_in)", tuple(SURVIVORS),
+             "as_value returns the critic's dtype instead of the actions'"),
+    Mutation("transport-uniform-steps-max", "vgf_prob/transport.py",
+             "return int(min(counts)) if counts else None", "return int(max(counts)) if counts else None",
+             tuple(SURVIVORS), "the host-side step count shared by all states is the largest limit, not the smallest"),
+    Mutation("ode-time-allowance-ignored", "flows/solvers.py",
+             "constraint, allowance >= stop, start, stop)", "constraint, allowance >= 0, start, stop)",
+             tuple(ODE_BUDGET), "the ODE solver moves every state to the longest horizon"),
+    Mutation("ode-outward-velocity-kept", "flows/solvers.py",
+             "velocity = torch.where(constraint.outward_velocity(x, velocity), 0.0, velocity)",
+             "velocity = velocity", tuple(SURVIVORS),
+             "inside an ODE solve, velocity pushing out of the box is kept (and spends displacement budget)"),
+    Mutation("smoothed-gradient-not-averaged", "flows/fields.py",
+             "return kernel @ score / x.shape[-2]", "return kernel @ score", tuple(SURVIVORS),
+             "the kernel-smoothed gradient sums over particles instead of averaging"),
+    Mutation("kernel-bandwidth-log-n", "flows/kernels.py",
+             "(2.0 * math.log(n + 1))", "(2.0 * math.log(n))", tuple(SURVIVORS),
+             "median_bandwidth divides by 2 log N instead of 2 log(N + 1)"),
+    Mutation("kernel-cross-distance-factor", "flows/kernels.py",
+             "- 2.0 * x @ y.transpose(-1, -2)", "- x @ y.transpose(-1, -2)", tuple(SURVIVORS),
+             "the two-cloud squared distance drops the 2 in -2 x y^T"),
+    Mutation("tanh-target-times-half-width", "distributions/flow_matching.py",
+             "torch.atanh(((actions - center) / half)", "torch.atanh(((actions - center) * half)", tuple(SURVIVORS),
+             "the tanh bound's BC target multiplies by the half-width instead of dividing"),
+    Mutation("softmax-times-temperature", "distributions/particle.py",
+             "logits = scores / temperature", "logits = scores * temperature", tuple(SURVIVORS),
+             "softmax selection multiplies Q by the temperature instead of dividing"),
+    Mutation("minari-keys-unsorted", "vgf_prob/rl/minari_data.py",
+             "keys = sorted(obs) if obs_keys is None", "keys = list(obs) if obs_keys is None", tuple(SURVIVORS),
+             "dict observations are concatenated in insertion order, not sorted key order"),
+    Mutation("llm-token-at-response-end", "vgf_prob/llm/embedding_space.py",
+             "not sp and s < end and e > start", "not sp and s <= end and e > start", tuple(SURVIVORS),
+             "a token starting exactly at the response's end counts as response"),
+    Mutation("llm-padding-slots-not-zeroed", "vgf_prob/llm/reward.py",
+             "self.embedding_matrix[batch.response_ids].float() * batch.response_mask[..., None]",
+             "self.embedding_matrix[batch.response_ids].float()", tuple(SURVIVORS),
+             "response particles hold E[pad] in their padding slots instead of zeros"),
+    Mutation("llm-decode-tie-replaces", "vgf_prob/llm/decode.py",
+             "original.float()) >= best_score)", "original.float()) > best_score)", tuple(SURVIVORS),
+             "on a tie the decoder replaces the original token"),
 ]
 
 
