@@ -7,10 +7,15 @@ Behaviour. The expert is a scripted controller: inverse kinematics of the two li
 ``l1 = 0.1``, ``l2 = 0.11``) gives the joint angles ``q*`` that put the fingertip on the target (of the two
 elbow solutions, the one nearer the current angles), and a PD law drives the joints there,
 ``a = clip(kp * wrap(q* - q) - kd * dq, -1, 1)`` with ``kp = 0.35``, ``kd = 0.06`` (the best of a grid,
-`EXPERT_GAINS`). A dataset corrupts it per step in one of two ways: Gaussian noise of std ``sigma`` added
-to the expert's action (then clipped to the box), or, with probability ``epsilon``, a uniform random action
-``U([-1, 1]^2)`` in its place. `DATASETS` names the settings: ``reacher-expert-v0`` (clean),
-``reacher-noisy-v0`` (sigma 0.4), ``reacher-mixed-v0`` (epsilon 0.5), ``reacher-random-v0`` (epsilon 1).
+`EXPERT_GAINS`). A dataset corrupts it per step: a constant ``bias`` and Gaussian noise of std ``sigma``
+are added to the expert's action (then clipped to the box), and with probability ``epsilon`` a substitute
+action takes its place: a uniform random one ``U([-1, 1]^2)``, or with ``spin`` the constant ``(1, 1)``
+(full torque on both joints, which spins the arm). `DATASETS` names the settings: ``reacher-expert-v0``
+(clean), ``reacher-noisy-v0`` (sigma 0.4), ``reacher-mixed-v0`` (epsilon 0.5), ``reacher-random-v0``
+(epsilon 1), and two whose mean action is poor, made for the search for a main job
+(benchmarks/main_job_search.md): ``reacher-spin-v0`` (the expert or the spin, 1/2 each: two far-apart
+modes, mean action score 47, behaviour -101) and ``reacher-biased-v0`` (expert + (0.5, -0.5) + N(0, 0.1^2):
+better actions lie just outside the data, behaviour about 80).
 
 Score (as D4RL scores its tasks): ``100 (R - R_random) / (R_expert - R_random)`` with ``R`` an episode's
 return and `REF_RETURNS` the mean returns of the uniform random policy and of the scripted expert over
@@ -43,20 +48,24 @@ REF_EPISODES = 1000
 # (random, expert) mean returns over REF_EPISODES episodes seeded REF_SEED + k, as `reference_returns()` printed
 # (-42.5138, -3.6312) with gymnasium 1.4.0 and mujoco 4.0.0.
 REF_RETURNS: dict[str, tuple[float, float]] = {"reacher": (-42.5138, -3.6312)}
-DATASETS: dict[str, tuple[float, float]] = {  # name -> (epsilon, sigma)
-    "expert": (0.0, 0.0), "noisy": (0.0, 0.4), "mixed": (0.5, 0.0), "random": (1.0, 0.0),
+DATASETS: dict[str, dict[str, Any]] = {  # name -> Behaviour's arguments
+    "expert": {"epsilon": 0.0}, "noisy": {"epsilon": 0.0, "sigma": 0.4}, "mixed": {"epsilon": 0.5},
+    "random": {"epsilon": 1.0}, "spin": {"epsilon": 0.5, "spin": True},
+    "biased": {"epsilon": 0.0, "sigma": 0.1, "bias": (0.5, -0.5)},
 }
-NAME_PATTERN = r"reacher-(expert|noisy|mixed|random)-v0"
+NAME_PATTERN = r"reacher-(expert|noisy|mixed|random|spin|biased)-v0"
 
 
 @dataclass(frozen=True)
 class Behaviour:
-    """The scripted expert plus N(0, sigma^2) noise (clipped), replaced by a U([-1, 1]^2) action w.p. ``epsilon``."""
+    """clip(expert + bias + N(0, sigma^2)), replaced w.p. ``epsilon`` by U([-1, 1]^2) (or by (1, 1) with ``spin``)."""
 
     epsilon: float
     sigma: float = 0.0
     kp: float = EXPERT_GAINS[0]
     kd: float = EXPERT_GAINS[1]
+    spin: bool = False
+    bias: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon <= 1.0:
@@ -69,8 +78,8 @@ class Behaviour:
         random_action = rng.uniform(-1.0, 1.0, size=2)
         noise = rng.standard_normal(2)
         if rng.random() < self.epsilon:
-            return random_action
-        return np.clip(reacher_expert(obs, self.kp, self.kd) + self.sigma * noise, -1.0, 1.0)
+            return np.ones(2) if self.spin else random_action
+        return np.clip(reacher_expert(obs, self.kp, self.kd) + np.asarray(self.bias) + self.sigma * noise, -1.0, 1.0)
 
 
 def reacher_expert(obs: np.ndarray, kp: float = EXPERT_GAINS[0], kd: float = EXPERT_GAINS[1]) -> np.ndarray:
@@ -106,8 +115,7 @@ def dataset_behaviour(name: str) -> Behaviour:
     match = re.fullmatch(NAME_PATTERN, name)
     if match is None:
         raise ValueError(f"unknown generated dataset {name!r}; known: {', '.join(f'reacher-{k}-v0' for k in DATASETS)}")
-    epsilon, sigma = DATASETS[match.group(1)]
-    return Behaviour(epsilon, sigma)
+    return Behaviour(**DATASETS[match.group(1)])
 
 
 def normalized_score(env_name: str, returns: Any) -> np.ndarray:
@@ -186,7 +194,8 @@ def generate_gym_dataset(name: str, num_episodes: int, out: str | os.PathLike, s
             f["timeouts"] = timeouts
             meta = {
                 "name": name, "gym_id": GYM_ID, "episodes": num_episodes, "seed": seed,
-                "epsilon": behaviour.epsilon, "sigma": behaviour.sigma,
+                "epsilon": behaviour.epsilon, "sigma": behaviour.sigma, "spin": behaviour.spin,
+                "bias": np.asarray(behaviour.bias),
                 "expert_kp": behaviour.kp, "expert_kd": behaviour.kd,
                 "behaviour_mean_return": float(returns.mean()),
                 "behaviour_score": float(normalized_score(name, returns).mean()),
