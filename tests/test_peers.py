@@ -120,3 +120,19 @@ def test_command_refuses_an_unknown_file_without_env(tmp_path, capsys):
         peers.main(["--dataset", str(tmp_path / "x.hdf5"), "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "give its HDF5 file with --env" in capsys.readouterr().err
+
+
+def test_candidate_behaviours_spin_and_bias():
+    from vgf_prob.rl.gym_generate import Behaviour, dataset_behaviour, reacher_expert
+
+    obs = np.array([1.0, 0.8, 0.0, 0.6, 0.1, -0.05, 0.2, -0.3, 0.02, 0.01])
+    spin = dataset_behaviour("reacher-spin-v0")
+    assert (spin.epsilon, spin.spin) == (0.5, True)
+    np.testing.assert_array_equal(Behaviour(1.0, spin=True)(obs, np.random.default_rng(0)), [1.0, 1.0])
+    biased = Behaviour(0.0, bias=(0.5, -0.5))
+    np.testing.assert_allclose(biased(obs, np.random.default_rng(0)), np.clip(reacher_expert(obs) + [0.5, -0.5], -1, 1))
+    # the substitute and the bias change no draw: the mixed data's random stream is the one it always had
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(20):
+        Behaviour(0.5, spin=True)(obs, a), Behaviour(0.5)(obs, b)
+    assert a.random() == b.random()
