@@ -22,7 +22,6 @@ from torchdiffeq._impl.odeint import SOLVERS as ODE_METHODS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from .fields import ValueFn, VelocityField
-from .resampling import take_particles
 
 FIXED_GRID_METHODS = frozenset(name for name, cls in ODE_METHODS.items() if issubclass(cls, FixedGridODESolver))
 """torchdiffeq's fixed-grid methods: they step by ``options['step_size']``, which ODESolver sets to its step_size."""
@@ -48,9 +47,6 @@ class Constraint(Protocol):
 
     def outward_velocity(self, x: Tensor, velocity: Tensor) -> Tensor:
         """Bool like x: velocity components that push a particle out of the box."""
-
-    def before_step(self, x: Tensor) -> Tensor | None:
-        """Ancestor indices [B, N] to resample the cloud by before the next discrete step (SMC), or None."""
 
 
 @dataclass
@@ -104,10 +100,6 @@ class DiscreteSolver:
         for step in range(max_steps):
             if self.check_finite and not bool(active.any()):
                 break  # every state has spent its budget (checked only where the loop already syncs)
-            ancestors = constraint.before_step(x)
-            if ancestors is not None:  # SMC: a particle takes its ancestor's position, origin and solver state
-                x, x0 = take_particles(x, ancestors), take_particles(x0, ancestors)
-                state = {key: take_particles(moment, ancestors) for key, moment in state.items()}
             velocity = field(obs, x, value)
             if self.check_finite:
                 check_finite_velocity(velocity)
