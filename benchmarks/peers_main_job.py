@@ -97,12 +97,14 @@ def train_vgf(args: argparse.Namespace, dataset: Any, seed: int, out: Path) -> t
     import csv
 
     from vgf_prob.rl.config import VGFConfig
-    from vgf_prob.rl.trainer import train
+    from vgf_prob.rl.run.spec import TrainSpec
+    from vgf_prob.rl.run.trainer import train
 
     config = VGFConfig.from_dict({**QUICKSTART_AGENT, **dict(_parse(kv) for kv in args.config)})
     started = time.process_time()
-    result = train(config, dataset, None, out / f"vgf-seed{seed}", args.steps, log_every=max(1, args.steps // 10),
-                   checkpoint_every=args.steps, seed=seed, progress=False)  # fmt: skip
+    result = train(config, dataset, TrainSpec(out=str(out / f"vgf-seed{seed}"), steps=args.steps, seed=seed,
+                                              log_every=max(1, args.steps // 10), checkpoint_every=args.steps,
+                                              progress=False))  # fmt: skip
     seconds = time.process_time() - started
     with open(result.train_log, newline="") as f:
         q_means = [float(r["q_mean"]) for r in csv.DictReader(f) if r.get("q_mean")]

@@ -3,7 +3,7 @@
     python benchmarks/quickstart_seeds.py                       # the default: seeds 0 1 2, as `vgf-prob train`
     python benchmarks/quickstart_seeds.py --seeds 0 --steps 3000 --config num_particles=16 --budgets 0 1 2 4 8
 
-Each seed trains its own agent on the quick start's cached data (`vgf_prob.cli.QUICKSTART`; the data is
+Each seed trains its own agent on the quick start's cached data (`vgf_prob.rl.run.experiment.QUICKSTART`; the data is
 the same for every seed) and evaluates BC, best-of-N (L_test = 0) and VGF (L_test > 0) on the same seeded
 episodes, exactly as `vgf-prob train --seed S` does. The summary gives, per policy, the mean and the
 std over seeds of each seed's mean score (and of the mean return). Each seed also reports the CPU time its
@@ -31,30 +31,30 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 def run_seed(args: argparse.Namespace, seed: int, out_root: Path) -> dict[str, Any]:
     """Train and evaluate one seed; returns its final rows and phase timings."""
-    from vgf_prob.cli import build_config
     from vgf_prob.rl.d4rl import load_d4rl_hdf5
     from vgf_prob.rl.gym_generate import ensure_gym_dataset
-    from vgf_prob.rl.trainer import train
+    from vgf_prob.rl.run.experiment import QUICKSTART, build_config
+    from vgf_prob.rl.run.spec import TrainSpec, parse_overrides
+    from vgf_prob.rl.run.trainer import train
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     path = ensure_gym_dataset(args.dataset, args.episodes)
     dataset = load_d4rl_hdf5(path, env_name=args.dataset)
     data_seconds = time.perf_counter() - t0
-    config = build_config(None, args.dataset, args.config, quickstart=True)
-    result = train(
-        config, dataset, args.dataset, out_root / f"seed{seed}", args.steps,
-        eval_every=args.eval_every, eval_episodes=args.eval_episodes, log_every=max(1, args.steps // 100),
-        checkpoint_every=args.steps, seed=seed, progress=False, eval_budgets=tuple(args.budgets),
-    )  # fmt: skip
+    config = build_config(None, args.dataset, {**QUICKSTART.overrides, **parse_overrides(args.config)})
+    spec = TrainSpec(env=args.dataset, out=str(out_root / f"seed{seed}"), steps=args.steps, eval_every=args.eval_every,
+                     eval_episodes=args.eval_episodes, checkpoint_every=args.steps, seed=seed, progress=False,
+                     budgets=tuple(args.budgets))  # fmt: skip
+    result = train(config, dataset, spec)
     return {
-        "seed": seed, "rows": result.final_scores, "data_seconds": data_seconds,
+        "seed": seed, "rows": [r.to_dict() for r in result.final_scores], "data_seconds": data_seconds,
         "phase_seconds": result.phase_seconds, "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - cpu0,
     }  # fmt: skip
 
 
 def _label(row: dict[str, Any]) -> str:
-    return row["policy"] + ("" if row["L_test"] in (None, 0) else f" L={row['L_test']}")
+    return row["policy"] + ("" if row["budget"] in (None, 0) else f" L={row['budget']}")
 
 
 def _finished_run(path: Path) -> dict[str, Any]:
@@ -66,10 +66,10 @@ def _finished_run(path: Path) -> dict[str, Any]:
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (policy, L_test): mean and std over seeds of the per-seed mean score and mean return."""
-    keys = [(r["policy"], r["L_test"]) for r in runs[0]["rows"]]
+    keys = [(r["policy"], r["budget"]) for r in runs[0]["rows"]]
     out = []
     for policy, budget in keys:
-        rows = [next(r for r in run["rows"] if (r["policy"], r["L_test"]) == (policy, budget)) for run in runs]
+        rows = [next(r for r in run["rows"] if (r["policy"], r["budget"]) == (policy, budget)) for run in runs]
         scores, returns = [r["score"] for r in rows], [r["mean_return"] for r in rows]
         spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)  # noqa: E731
         out.append({
@@ -82,12 +82,12 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vgf_prob.cli import QUICKSTART
+    from vgf_prob.rl.run.experiment import GENERATED_EPISODES, QUICKSTART
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     parser.add_argument("--dataset", default=QUICKSTART.dataset, help="generated dataset name (gym_generate)")
-    parser.add_argument("--episodes", type=int, default=QUICKSTART.episodes, help="dataset episodes")
+    parser.add_argument("--episodes", type=int, default=GENERATED_EPISODES, help="dataset episodes")
     parser.add_argument("--steps", type=int, default=QUICKSTART.steps, help="gradient steps")
     parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="VGFConfig overrides on top of the quick start's")  # fmt: skip

@@ -7,8 +7,11 @@
 
 The recipe format, its expansion into runs and the report are `vgf_prob.rl.recipes`, shared with
 ``vgf-prob sweep`` (the same runs as Ray Tune trials, in parallel, on one machine or a cluster; it needs
-the ``[sweep]`` extra). A run directory that already holds a checkpoint is resumed, so re-running this
-script after a crash continues where each run stopped. ``--summary`` writes ``results.csv``,
+the ``[sweep]`` extra). Each run is `vgf_prob.rl.run.experiment.run_training` of the run's spec, in this
+process (the line printed before it is the equivalent ``vgf-prob train`` command). A run directory that
+already holds a checkpoint is resumed, so re-running this script after a crash continues where each run
+stopped; SIGTERM / SIGINT checkpoint the run in progress and exit with 143 / 130, naming the command to
+continue (this script again). ``--summary`` writes ``results.csv``,
 ``results.json``, ``summary.json`` and ``score_vs_budget.png`` to the recipe's ``out_dir``.
 """
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,10 +54,31 @@ def main(argv: list[str] | None = None) -> int:
         write_report(runs, out_dir(recipe), title=args.recipe.stem)
         return 0
     for r in runs:
-        cmd = r.command(recipe["run"])
-        print(shlex.join(cmd), flush=True)
+        print(shlex.join(r.command(recipe["run"])), flush=True)
         if not args.dry_run:
-            subprocess.run(cmd, check=True)
+            status = _train(r.spec(recipe["run"]), argv)
+            if status:
+                return status
+    return 0
+
+
+def _train(spec, argv: list[str] | None) -> int:
+    """One run in this process; a stop by signal or an expected failure is one line and its exit status."""
+    from vgf_prob.rl.checkpoint import CheckpointError
+    from vgf_prob.rl.run.experiment import run_training
+    from vgf_prob.rl.run.spec import TrainingSetupError
+    from vgf_prob.rl.run.trainer import Preempted, TrainingDiverged
+
+    try:
+        run_training(spec)
+    except Preempted as err:
+        again = shlex.join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+        print(f"reproduce.py: stopped by signal {err.signum} at step {err.step}; continue with: {again}",
+              file=sys.stderr)  # fmt: skip
+        return err.exit_status
+    except (TrainingSetupError, CheckpointError, TrainingDiverged, OSError) as err:
+        print(f"reproduce.py: error: {spec.out}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -43,3 +43,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def spec(out, steps: int, **settings):
+    """A `TrainSpec` for the loop's tests: run directory ``out``, ``steps`` steps, no progress bars;
+    ``eval_budgets`` is accepted as the spec's ``budgets``."""
+    from vgf_prob.rl.run.spec import TrainSpec
+
+    settings.setdefault("progress", False)
+    if "eval_budgets" in settings:
+        settings["budgets"] = settings.pop("eval_budgets")
+    return TrainSpec(out=str(out), steps=steps, **settings)

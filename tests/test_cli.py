@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -15,12 +16,16 @@ import torch
 import vgf_prob
 from vgf_prob import cli
 from vgf_prob.rl.config import VGFConfig
+from vgf_prob.rl.evaluate import make_budget
+from vgf_prob.rl.run import experiment
+from vgf_prob.rl.run.experiment import build_config
+from vgf_prob.rl.run.spec import TrainingSetupError, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_OVERRIDES = (("batch_size", 8), ("critic_hidden_dims", (16, 16)), ("bc_hidden_dims", (16, 16)),
-                  ("amortized_hidden_dims", (16, 16)), ("flow_steps", 2))  # fmt: skip
-TINY_QUICKSTART = cli.Quickstart(episodes=2, steps=4, eval_every=4, eval_episodes=1, budgets=(0, 1),
-                                 overrides=cli.QUICKSTART.overrides + TINY_OVERRIDES)  # fmt: skip
+TINY_OVERRIDES = {"batch_size": 8, "critic_hidden_dims": (16, 16), "bc_hidden_dims": (16, 16),
+                  "amortized_hidden_dims": (16, 16), "flow_steps": 2}  # fmt: skip
+TINY_QUICKSTART = dataclasses.replace(experiment.QUICKSTART, steps=4, eval_every=4, eval_episodes=1, budgets=(0, 1),
+                                      overrides={**experiment.QUICKSTART.overrides, **TINY_OVERRIDES})  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +42,8 @@ def quickstart_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("quickstart")
     patch = pytest.MonkeyPatch()
     patch.setenv("VGF_PROB_CACHE", str(root / "cache"))
-    patch.setattr(cli, "QUICKSTART", TINY_QUICKSTART)
+    patch.setattr(experiment, "QUICKSTART", TINY_QUICKSTART)
+    patch.setattr(experiment, "GENERATED_EPISODES", 2)
     threads = torch.get_num_threads()
     try:
         out = root / "run"
@@ -54,7 +60,7 @@ def test_quickstart_trains_and_compares_bc_best_of_n_and_vgf(quickstart_run, cap
     out, cached = quickstart_run
     assert len(cached) == 1  # the quick start's generated Reacher data, 2 episodes
     summary = json.loads((out / "summary.json").read_text())
-    policies = [(row["policy"], row["L_test"]) for row in summary["final_scores"]]
+    policies = [(row["policy"], row["budget"]) for row in summary["final_scores"]]
     assert policies == [("BC reference", None), ("best-of-N", 0), ("VGF", 1)]
     assert summary["run"]["env_name"] == TINY_QUICKSTART.dataset
     assert (out / "latest.pt").exists() and (out / "learning_curve.png").stat().st_size > 0
@@ -66,8 +72,8 @@ def test_eval_budget_sweep_writes_json_and_png(quickstart_run, tmp_path, capsys)
     assert cli.main(["eval", str(out), "--budgets", "0", "2", "--episodes", "1", "--out", str(tmp_path),
                      "--no-progress", "--threads", "1"]) == 0  # fmt: skip
     report = json.loads((tmp_path / "budget_sweep-steps-step4.json").read_text())
-    assert [row["budget"] for row in report["rows"]] == [0, 2]
-    assert "score" in report["bc"]
+    assert [(row["policy"], row["budget"]) for row in report["rows"]] == [("BC reference", None), ("best-of-N", 0),
+                                                                          ("VGF", 2)]  # fmt: skip
     assert (tmp_path / "budget_sweep-steps-step4.png").stat().st_size > 0
     assert "budget sweep" in capsys.readouterr().out
 
@@ -96,30 +102,30 @@ def test_user_errors_are_one_clear_line(argv, message, capsys):
 
 
 def test_bad_preset_and_bad_override_are_clear_errors():
-    with pytest.raises(cli.CLIError, match=r"unknown preset 'hoper'( \(offline\))?; known presets:"):
-        cli.build_config("hoper", "x", [])
-    with pytest.raises(cli.CLIError, match=r"unknown VGFConfig field\(s\) \['bach_size'\]"):
-        cli.build_config(None, "x", ["bach_size=3"])
-    with pytest.raises(cli.CLIError, match="KEY=VALUE"):
-        cli.build_config(None, "x", ["batch_size"])
-    with pytest.raises(cli.CLIError, match="batch_size must be an int"):
-        cli.build_config(None, "x", ["batch_size=0"])
+    with pytest.raises(TrainingSetupError, match=r"unknown preset 'hoper'( \(offline\))?; known presets:"):
+        build_config("hoper", "x", {})
+    with pytest.raises(TrainingSetupError, match=r"unknown VGFConfig field\(s\) \['bach_size'\]"):
+        build_config(None, "x", parse_overrides(["bach_size=3"]))
+    with pytest.raises(TrainingSetupError, match="KEY=VALUE"):
+        parse_overrides(["batch_size"])
+    with pytest.raises(TrainingSetupError, match="batch_size must be an int"):
+        build_config(None, "x", parse_overrides(["batch_size=0"]))
 
 
 def test_overrides_and_presets_build_the_config():
     overrides = ["critic_hidden_dims=64,64", "alpha=0.5", "target_aggregation=min", "test_budget=null"]
-    config = cli.build_config(None, "cube-double-play-singletask-task2-v0", overrides)
+    config = build_config(None, "cube-double-play-singletask-task2-v0", parse_overrides(overrides))
     assert config.variant == "stein" and config.train_budget == 1 and config.vgf_lr == 0.1  # the cube-double preset
     assert config.critic_hidden_dims == (64, 64) and config.alpha == 0.5 and config.target_aggregation == "min"
-    assert cli.build_config("hopper", "my-data", []).target_aggregation == "min"
-    assert cli.build_config(None, "my-data", []) == VGFConfig()
+    assert build_config("hopper", "my-data", {}).target_aggregation == "min"
+    assert build_config(None, "my-data", {}) == VGFConfig()
 
 
 def test_budget_objects_for_each_budget_type():
-    assert cli.make_budget(3.0, "steps", 20) == 3
-    assert "DisplacementBudget(0.5)" in repr(cli.make_budget(0.5, "displacement", 20).parts())
-    with pytest.raises(cli.CLIError, match="whole numbers"):
-        cli.make_budget(1.5, "steps", 20)
+    assert make_budget(3.0, "steps", 20) == 3
+    assert "DisplacementBudget(0.5)" in repr(make_budget(0.5, "displacement", 20).parts())
+    with pytest.raises(ValueError, match="whole numbers"):
+        make_budget(1.5, "steps", 20)
 
 
 def test_python_dash_m_runs_the_cli():
@@ -145,7 +151,7 @@ def test_every_recipe_parses_into_valid_configs(recipe):
         config = run.config()
         assert isinstance(config, VGFConfig)
         args = cli.build_parser().parse_args(run.command(reproduce.load_recipe(recipe)["run"])[1:])
-        assert cli.build_config(args.preset, run.task, args.config) == config
+        assert build_config(args.preset, run.task, parse_overrides(args.overrides)) == config
     tasks = {run.task for run in runs}
     if recipe.name == "d4rl.toml":
         assert len(tasks) == 15
@@ -217,7 +223,7 @@ def test_final_scores_print_once_under_a_title_line_of_their_own(quickstart_run,
     assert cli.main(["train", "--dataset", str(cached[0]), "--env", "reacher-noisy-v0", "--out", str(tmp_path / "r"),
                      "--steps", "2", "--eval-every", "1", "--eval-episodes", "1", "--budgets", "0", "--no-progress",
                      "--config", *(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                                   for k, v in TINY_OVERRIDES)]) == 0  # fmt: skip
+                                   for k, v in TINY_OVERRIDES.items())]) == 0  # fmt: skip
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("step 1: BC reference") for line in lines)  # the evaluation during training
     assert not any(line.startswith("step 2:") for line in lines)  # the final one is the table, not a line too
@@ -242,7 +248,7 @@ def test_os_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsy
 
 
 def test_config_values_follow_their_annotations():
-    values = cli.parse_overrides(["critic_hidden_dims=[32, 32]", "bc_hidden_dims=64", "lr=1", 'variant="amortized"',
+    values = parse_overrides(["critic_hidden_dims=[32, 32]", "bc_hidden_dims=64", "lr=1", 'variant="amortized"',
                                   "test_budget=null", "compile=false", "max_grad_norm=0"])  # fmt: skip
     assert values == {"critic_hidden_dims": (32, 32), "bc_hidden_dims": (64,), "lr": 1.0, "variant": "amortized",
                       "test_budget": None, "compile": False, "max_grad_norm": 0.0}  # fmt: skip

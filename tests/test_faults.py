@@ -23,15 +23,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from rl_helpers import Crash, crash_after, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from rl_helpers import Crash, crash_after, one_thread, spec  # noqa: F401 (one_thread: autouse fixture)
 
 from vgf_prob import cli
 from vgf_prob.rl import checkpoint as ckpt
-from vgf_prob.rl import trainer
+from vgf_prob.rl.run import logs
 from vgf_prob.rl.checkpoint import CheckpointError, RunDirBusy, load_checkpoint, load_latest, save_checkpoint
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.offline_dataset import OfflineDataset
-from vgf_prob.rl.trainer import TrainingSetupError, train
+from vgf_prob.rl.run.spec import TrainingSetupError
+from vgf_prob.rl.run.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(batch_size=8, critic_hidden_dims=(16, 16), bc_hidden_dims=(16, 16), amortized_hidden_dims=(16, 16),
@@ -111,15 +112,15 @@ def test_second_writer_is_refused_with_the_holders_pid_and_the_lock_dies_with_it
             line = error_line(capsys)
             assert f"in use by another vgf-prob process (PID {first.pid})" in line
         with pytest.raises(RunDirBusy, match=f"PID {first.pid}"):
-            train(VGFConfig(**TINY), tiny_dataset(), None, out, 10, progress=False)
+            train(VGFConfig(**TINY), tiny_dataset(), spec(out, 10))
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     steps = read_steps(out / "train.csv")
     assert steps == list(range(1, len(steps) + 1))  # one writer: no row twice, none from another seed
     before = load_checkpoint(out / "latest.pt")["step"]
-    result = train(VGFConfig(**TINY), write_hdf5_dataset(data), None, out, before + 2, resume=True, log_every=1,
-                   checkpoint_every=5, progress=False)  # fmt: skip
+    result = train(VGFConfig(**TINY), write_hdf5_dataset(data),
+                   spec(out, before + 2, resume=True, log_every=1, checkpoint_every=5))  # fmt: skip
     assert result.step == before + 2  # the killed holder's lock is gone with it
     assert read_steps(out / "train.csv") == list(range(1, before + 3))
 
@@ -133,7 +134,7 @@ def write_hdf5_dataset(path: Path) -> OfflineDataset:
 def test_lock_is_reentrant_in_one_process_and_released_after_the_run(tmp_path):
     out = tmp_path / "run"
     with ckpt.RunLock(out):
-        train(VGFConfig(**TINY), tiny_dataset(), None, out, 2, log_every=1, checkpoint_every=2, progress=False)
+        train(VGFConfig(**TINY), tiny_dataset(), spec(out, 2, log_every=1, checkpoint_every=2))
     holder = subprocess.run(
         [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
          "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')", str(out / ".vgf-prob.lock")],
@@ -148,15 +149,15 @@ def test_kill_before_first_checkpoint_then_rerun_starts_clean_and_keeps_the_old_
     dataset = tiny_dataset()
     crash_after(monkeypatch, dataset, 7)  # rows 1..7 logged, first checkpoint due at step 10
     with pytest.raises(Crash):
-        train(config, dataset, None, out, 10, log_every=1, checkpoint_every=10, progress=False)
+        train(config, dataset, spec(out, 10, log_every=1, checkpoint_every=10))
     monkeypatch.undo()
     old_log = (out / "train.csv").read_bytes()
     assert read_steps(out / "train.csv") == list(range(1, 8)) and not (out / "latest.pt").exists()
 
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        train(config, tiny_dataset(), None, out, 10, resume=True, progress=False)
+        train(config, tiny_dataset(), spec(out, 10, resume=True))
     with pytest.warns(UserWarning, match=r"held logs but no checkpoint.*moved train\.csv to .*stale-"):
-        train(config, tiny_dataset(), None, out, 10, log_every=1, checkpoint_every=10, progress=False)
+        train(config, tiny_dataset(), spec(out, 10, log_every=1, checkpoint_every=10))
 
     assert read_steps(out / "train.csv") == list(range(1, 11))  # 10 rows, in order, none twice
     (aside,) = out.glob("stale-*")
@@ -166,7 +167,7 @@ def test_kill_before_first_checkpoint_then_rerun_starts_clean_and_keeps_the_old_
 # -------------------------------------------------------------------------------------------- csv rows
 def test_disk_full_during_a_log_row_leaves_whole_rows_and_the_run_resumes_exactly(tmp_path, monkeypatch):
     config, kwargs = VGFConfig(**TINY), dict(log_every=1, checkpoint_every=4, progress=False, seed=2)
-    full = train(config, tiny_dataset(), None, tmp_path / "full", 10, **kwargs)
+    full = train(config, tiny_dataset(), spec(tmp_path / "full", 10, **kwargs))
 
     out = tmp_path / "run"
     calls = {"n": 0}
@@ -179,33 +180,33 @@ def test_disk_full_during_a_log_row_leaves_whole_rows_and_the_run_resumes_exactl
             return os.write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(trainer, "os", types.SimpleNamespace(**{**vars(os), "write": disk_fills}))
+    monkeypatch.setattr(logs, "os", types.SimpleNamespace(**{**vars(os), "write": disk_fills}))
     with pytest.raises(OSError, match="No space left on device") as info:
-        train(config, tiny_dataset(), None, out, 10, **kwargs)
+        train(config, tiny_dataset(), spec(out, 10, **kwargs))
     assert info.value.filename == str(out / "train.csv")
     monkeypatch.undo()
     text = (out / "train.csv").read_text()
     assert text.endswith("\n") and read_steps(out / "train.csv") == [1, 2, 3, 4, 5, 6]  # no half row
     assert load_checkpoint(out / "latest.pt")["step"] == 4
 
-    resumed = train(config, tiny_dataset(), None, out, 10, resume=True, **kwargs)
+    resumed = train(config, tiny_dataset(), spec(out, 10, resume=True, **kwargs))
     assert rows_without_timing(resumed.train_log) == rows_without_timing(full.train_log)
     assert read_steps(resumed.train_log) == list(range(1, 11))
 
 
 def test_partial_last_row_found_on_resume_is_dropped_with_a_warning(tmp_path, monkeypatch):
     config, kwargs = VGFConfig(**TINY), dict(log_every=1, checkpoint_every=4, progress=False)
-    full = train(config, tiny_dataset(), None, tmp_path / "full", 8, **kwargs)
+    full = train(config, tiny_dataset(), spec(tmp_path / "full", 8, **kwargs))
     out = tmp_path / "run"
     dataset = tiny_dataset()
     crash_after(monkeypatch, dataset, 6)
     with pytest.raises(Crash):
-        train(config, dataset, None, out, 8, **kwargs)
+        train(config, dataset, spec(out, 8, **kwargs))
     monkeypatch.undo()
     with (out / "train.csv").open("ab") as f:  # a crash outside our control: half of row 7
         f.write(b"7,0.12345")
     with pytest.warns(UserWarning, match=r"train\.csv: dropped a partial last row \(9 bytes\)"):
-        resumed = train(config, tiny_dataset(), None, out, 8, resume=True, **kwargs)
+        resumed = train(config, tiny_dataset(), spec(out, 8, resume=True, **kwargs))
     assert rows_without_timing(resumed.train_log) == rows_without_timing(full.train_log)
 
 
@@ -235,16 +236,16 @@ def test_corrupt_latest_then_two_saves_never_makes_previous_unreadable(tmp_path)
 
 def test_resume_from_previous_after_a_corrupt_latest_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     config, kwargs = VGFConfig(**TINY), dict(log_every=1, checkpoint_every=4, progress=False)
-    full = train(config, tiny_dataset(), None, tmp_path / "full", 12, **kwargs)
+    full = train(config, tiny_dataset(), spec(tmp_path / "full", 12, **kwargs))
     out = tmp_path / "run"
     dataset = tiny_dataset()
     crash_after(monkeypatch, dataset, 9)  # checkpoints at 4 and 8
     with pytest.raises(Crash):
-        train(config, dataset, None, out, 12, **kwargs)
+        train(config, dataset, spec(out, 12, **kwargs))
     monkeypatch.undo()
     (out / "latest.pt").write_bytes(b"\0" * 100)
     with pytest.warns(UserWarning) as caught:
-        resumed = train(config, tiny_dataset(), None, out, 12, resume=True, **kwargs)
+        resumed = train(config, tiny_dataset(), spec(out, 12, resume=True, **kwargs))
     messages = " | ".join(str(w.message) for w in caught)
     assert "resuming from" in messages and "step 4" in messages and "latest.pt.unreadable" in messages
     for (name, a), (_, b) in zip(full.agent.state_dict().items(), resumed.agent.state_dict().items(), strict=True):
@@ -319,8 +320,8 @@ def test_zero_is_zero_where_it_makes_sense(tmp_path, capsys):
     assert cli.main(["train", "--dataset", str(data), "--out", str(out), "--steps", "3", "--seed", "0",
                      "--budgets", "0", "--no-progress", *TINY_CLI]) == 0  # fmt: skip
     assert read_steps(out / "train.csv") == [1, 2, 3]
-    with pytest.raises(TrainingSetupError, match="total_steps must be a positive int, got 0"):
-        train(VGFConfig(**TINY), tiny_dataset(), None, tmp_path / "zero", 0, progress=False)
+    with pytest.raises(TrainingSetupError, match="steps must be a positive int, got 0"):
+        train(VGFConfig(**TINY), tiny_dataset(), spec(tmp_path / "zero", 0))
     assert not (tmp_path / "zero").exists()
 
 
@@ -335,7 +336,7 @@ def test_cuda_request_on_a_cpu_machine_is_one_line_before_anything_runs(tmp_path
     assert cli.main(["train", "--dataset", str(data), "--out", str(out), "--device", "gpu"]) == 2
     assert "unknown device 'gpu'" in error_line(capsys)
     with pytest.raises(TrainingSetupError, match="device 'cuda:1' requested but"):
-        train(VGFConfig(**TINY), tiny_dataset(), None, out, 2, device="cuda:1", progress=False)
+        train(VGFConfig(**TINY), tiny_dataset(), spec(out, 2, device="cuda:1"))
 
 
 # ------------------------------------------------------------------------------------------- bad files
@@ -426,7 +427,7 @@ def test_wrong_environment_is_found_before_training(tmp_path, capsys):
 
 
 def test_eval_with_an_unknown_environment_is_one_line(tmp_path, capsys):
-    train(VGFConfig(**TINY), tiny_dataset(), None, tmp_path, 2, log_every=1, checkpoint_every=2, progress=False)
+    train(VGFConfig(**TINY), tiny_dataset(), spec(tmp_path, 2, log_every=1, checkpoint_every=2))
     assert cli.main(["eval", str(tmp_path), "--env", "nowhere-v0", "--no-progress"]) == 2
     assert "unknown environment 'nowhere-v0'" in error_line(capsys)
 

@@ -12,8 +12,10 @@ import torch
 from vgf_prob import cli
 from vgf_prob.rl import gym_generate as gg
 from vgf_prob.rl.d4rl import load_d4rl_hdf5
-from vgf_prob.rl.evaluate import evaluate, make_env
+from vgf_prob.rl.envs import make_env
+from vgf_prob.rl.evaluate import evaluate
 from vgf_prob.rl.plots import plot_budget_sweep, plot_learning_curve
+from vgf_prob.rl.run import experiment
 
 
 def test_inverse_kinematics_puts_the_fingertip_on_the_target():
@@ -101,16 +103,17 @@ def test_ensure_caches_under_the_cache_dir(tmp_path, monkeypatch):
 
 
 TINY = dataclasses.replace(
-    cli.QUICKSTART, episodes=4, steps=6, eval_episodes=2, budgets=(0, 2), eval_every=3,
-    overrides=cli.QUICKSTART.overrides + (("batch_size", 16), ("critic_hidden_dims", (16, 16)),
-                                          ("bc_hidden_dims", (16, 16)), ("flow_steps", 2)),
+    experiment.QUICKSTART, steps=6, eval_episodes=2, budgets=(0, 2), eval_every=3,
+    overrides={**experiment.QUICKSTART.overrides, "batch_size": 16, "critic_hidden_dims": (16, 16),
+               "bc_hidden_dims": (16, 16), "flow_steps": 2},
 )  # fmt: skip
 
 
 def test_quickstart_path_at_tiny_size(tmp_path, monkeypatch, capsys):
     """`vgf-prob train` without arguments, shrunk: data generated and cached, trained, compared, plotted."""
     monkeypatch.setenv("VGF_PROB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cli, "QUICKSTART", TINY)
+    monkeypatch.setattr(experiment, "QUICKSTART", TINY)
+    monkeypatch.setattr(experiment, "GENERATED_EPISODES", 4)
     threads = torch.get_num_threads()
     try:
         assert cli.main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
@@ -125,9 +128,9 @@ def test_quickstart_path_at_tiny_size(tmp_path, monkeypatch, capsys):
 
 
 def test_budget_sweep_plot_options(tmp_path):
-    rows = [{"budget": b, "score": s, "std": 5.0, "mean_return": -20 + s / 5, "return_std": 1.0,
+    rows = [{"budget": b, "score": s, "score_std": 5.0, "mean_return": -20 + s / 5, "return_std": 1.0,
              "score_kind": "success_rate"} for b, s in [(0, 0.0), (1, 0.0), (3, 0.0)]]  # fmt: skip
-    path = plot_budget_sweep(rows, tmp_path / "s.png", reference_lines={"BC": {"score": 0.0, "std": 0.0}})
+    path = plot_budget_sweep(rows, tmp_path / "s.png", reference_lines={"BC": {"score": 0.0, "score_std": 0.0}})
     assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="show_return=True needs"):
         plot_budget_sweep([{"budget": 0, "score": 1.0}], tmp_path / "t.png", show_return=True)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from vgf_prob.rl.data import D4RL_REF_SCORES
-from vgf_prob.rl.evaluate import budget_sweep, evaluate, format_table, make_env, make_envs, resolve_env_name
+from vgf_prob.rl.envs import make_env, make_envs, resolve_env_name
+from vgf_prob.rl.evaluate import Policy, ScoreRow, compare_policies, evaluate, format_scores, format_table, policy_label
 from vgf_prob.rl.plots import plot_budget_sweep, plot_learning_curve
 
 HOPPER = "hopper-medium-v2"
@@ -66,21 +67,44 @@ def test_batched_and_sequential_evaluation_agree():
     assert len(set(batched.returns.tolist())) > 1  # episodes differ: seed + k per episode
 
 
-def test_budget_sweep_calls_make_act_fn_per_budget_with_the_same_seeds():
-    budgets = [0, 1, 2, "sinkhorn(0.1)"]
-    calls = []
+class RecordingAgent:
+    """An agent stand-in: acts with `deterministic_act_fn` and records each call's budget ("bc" for BC)."""
 
-    def make_act_fn(budget):
-        calls.append(budget)
-        return deterministic_act_fn
+    device = torch.device("cpu")
 
-    rows = budget_sweep(make_act_fn, HOPPER, budgets, num_episodes=2, max_episode_steps=10)
-    assert calls == budgets
-    assert [row["budget"] for row in rows] == budgets
-    assert all({"budget", "score", "std", "episodes"} <= row.keys() and row["episodes"] == 2 for row in rows)
-    assert len({row["score"] for row in rows}) == 1  # same policy, same episode seeds
-    text = format_table(rows, title="hopper L_test", print_table=False)
-    assert "hopper L_test" in text and "sinkhorn(0.1)" in text and f"{rows[0]['score']:.2f}" in text
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def bc_action(self, obs, generator=None):
+        self.calls.append("bc")
+        return deterministic_act_fn(obs)
+
+    def act(self, obs, budget=None, generator=None):
+        self.calls.append(budget)
+        return deterministic_act_fn(obs)
+
+
+def test_compare_policies_scores_every_policy_on_the_same_episodes():
+    agent = RecordingAgent()
+    extra = Policy("best-of-N N=40", lambda a, g: deterministic_act_fn)  # a caller's own policy, e.g. matched N
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    rows = compare_policies(agent, HOPPER, [0, 2], 2, seed=0, extra=[extra], env_kwargs={"max_episode_steps": 10})
+    assert torch.equal(torch.get_rng_state(), before)  # evaluation leaves the global RNGs where they were
+    assert [r.label for r in rows] == ["BC reference", "best-of-N L_test=0", "VGF L_test=2", "best-of-N N=40"]
+    assert set(agent.calls) == {"bc", 0, 2}
+    assert len({r.score for r in rows}) == 1 and all(r.episodes == 2 for r in rows)  # same policy, same episodes
+    as_csv = [{k: "" if v is None else str(v) for k, v in r.to_dict().items()} for r in rows]
+    assert [ScoreRow.from_dict(cells) for cells in as_csv] == rows  # the one schema round-trips through eval.csv
+    text = format_scores(rows, "hopper", print_table=False)
+    assert "hopper" in text and "D4RL score" in text and "best-of-N N=40" in text
+
+    agent.calls.clear()
+    (bc, radius) = compare_policies(agent, HOPPER, [0.5], 1, seed=0, budget_type="displacement",
+                                    env_kwargs={"max_episode_steps": 5})  # fmt: skip
+    assert radius.label == "VGF displacement=0.5" and "DisplacementBudget(0.5)" in repr(agent.calls[-1].parts())
+    assert policy_label("VGF", 3) == "VGF L_test=3" and policy_label("BC reference") == "BC reference"
+    assert "│ best-of-N N=40 │      - │" in format_table([r.to_dict() for r in rows[3:]], print_table=False)
 
 
 def test_reused_envs_and_bad_act_fn_output():
@@ -152,7 +176,7 @@ def test_gymnasium_robotics_families(name, d4rl_goal):
 def test_plots_write_png_files(tmp_path):
     log = tmp_path / "log.csv"
     log.write_text("step,critic_loss,bc_loss,score\n0,1.5,0.9,\n100,1.1,0.7,12.5\n200,0.8,0.6,\n300,0.6,0.5,40.0\n")
-    sweep = [{"budget": b, "score": s, "std": 3.0, "episodes": 10} for b, s in [(0, 40.0), (1, 55.0), (3, 61.0)]]
+    sweep = [{"budget": b, "score": s, "score_std": 3.0, "episodes": 10} for b, s in [(0, 40.0), (1, 55.0), (3, 61.0)]]
     paths = [
         plot_learning_curve(log, tmp_path / "curve.png"),
         plot_learning_curve([{"step": 1, "score": 3.0}, {"step": 2, "score": 5.0}], tmp_path / "rows.png", ["score"]),
@@ -182,8 +206,7 @@ def test_making_and_stepping_an_ogbench_env_warns_nothing():
 
 
 def test_progress_bars_name_the_policy_and_count_episodes_without_a_rate(capsys):
-    budget_sweep(lambda b: deterministic_act_fn, HOPPER, [0, 3], num_episodes=2, max_episode_steps=5,
-                 progress=True, num_envs=1)  # fmt: skip
+    compare_policies(RecordingAgent(), HOPPER, [0, 3], 2, seed=0, env_kwargs={"max_episode_steps": 5}, progress=True)
     err = capsys.readouterr().err
     assert "best-of-N L_test=0" in err and "VGF L_test=3" in err and "2/2 episodes" in err
     assert "/s" not in err and "it/s" not in err  # no rate: lockstep episodes finish in bursts

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rl_helpers import Crash, crash_after, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from rl_helpers import Crash, crash_after, one_thread, spec  # noqa: F401 (one_thread: autouse fixture)
 
 from vgf_prob.rl import checkpoint as ckpt
 from vgf_prob.rl.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.offline_dataset import OfflineDataset
-from vgf_prob.rl.trainer import finetune, train
+from vgf_prob.rl.run.trainer import finetune, train
 
 TINY = dict(batch_size=8, critic_hidden_dims=(16, 16), bc_hidden_dims=(16, 16), amortized_hidden_dims=(16, 16),
             num_particles=4, flow_steps=2, train_budget=2)  # fmt: skip
@@ -59,19 +59,19 @@ def assert_same_parameters(a, b) -> None:
 @pytest.mark.parametrize("variant", ["stein", "amortized"])
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, variant):
     config = VGFConfig(variant=variant, **TINY)
-    kwargs = dict(log_every=1, checkpoint_every=4, progress=False, seed=3)
-    full = train(config, tiny_dataset(), None, tmp_path / "full", 12, **kwargs)
+    kwargs = dict(log_every=1, checkpoint_every=4, seed=3)
+    full = train(config, tiny_dataset(), spec(tmp_path / "full", 12, **kwargs))
 
     dataset = tiny_dataset()
     crash_after(monkeypatch, dataset, 10)  # checkpoints at 4 and 8, rows 9 and 10 logged after the last one
     with pytest.raises(Crash):
-        train(config, dataset, None, tmp_path / "killed", 12, **kwargs)
+        train(config, dataset, spec(tmp_path / "killed", 12, **kwargs))
     monkeypatch.undo()
     assert [r["step"] for r in read_log(tmp_path / "killed" / "train.csv")][-1] == "10"
     assert load_checkpoint(tmp_path / "killed" / "latest.pt")["step"] == 8
 
     scramble_global_rng()  # a new process starts from other global RNG states
-    resumed = train(config, tiny_dataset(), None, tmp_path / "killed", 12, resume=True, **kwargs)
+    resumed = train(config, tiny_dataset(), spec(tmp_path / "killed", 12, resume=True, **kwargs))
 
     assert losses(read_log(resumed.train_log)) == losses(read_log(full.train_log))
     assert len(read_log(resumed.train_log)) == 12
@@ -83,47 +83,46 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, 
 
 def test_resume_can_extend_a_finished_run(tmp_path):
     config = VGFConfig(**TINY)
-    kwargs = dict(log_every=2, checkpoint_every=5, progress=False)
-    full = train(config, tiny_dataset(), None, tmp_path / "full", 10, **kwargs)
-    train(config, tiny_dataset(), None, tmp_path / "short", 5, **kwargs)
-    extended = train(config, tiny_dataset(), None, tmp_path / "short", 10, resume=True, **kwargs)
+    kwargs = dict(log_every=2, checkpoint_every=5)
+    full = train(config, tiny_dataset(), spec(tmp_path / "full", 10, **kwargs))
+    train(config, tiny_dataset(), spec(tmp_path / "short", 5, **kwargs))
+    extended = train(config, tiny_dataset(), spec(tmp_path / "short", 10, resume=True, **kwargs))
     assert_same_parameters(full.agent, extended.agent)
     # the short run also logged its last step (5), which splits one averaging window differently
     assert [r["step"] for r in read_log(extended.train_log)] == ["2", "4", "5", "6", "8", "10"]
 
 
 def test_resume_refuses_another_config_and_fresh_run_refuses_existing_dir(tmp_path):
-    train(VGFConfig(**TINY), tiny_dataset(), None, tmp_path, 3, log_every=1, checkpoint_every=3, progress=False)
+    train(VGFConfig(**TINY), tiny_dataset(), spec(tmp_path, 3, log_every=1, checkpoint_every=3))
     with pytest.raises(CheckpointError, match=r"train_budget: checkpoint 2, requested 1"):
-        train(VGFConfig(**{**TINY, "train_budget": 1}), tiny_dataset(), None, tmp_path, 6, resume=True, progress=False)
+        train(VGFConfig(**{**TINY, "train_budget": 1}), tiny_dataset(), spec(tmp_path, 6, resume=True))
     with pytest.raises(CheckpointError, match=r"dataset"):
-        train(VGFConfig(**TINY), tiny_dataset(seed=1), None, tmp_path, 6, resume=True, progress=False)
+        train(VGFConfig(**TINY), tiny_dataset(seed=1), spec(tmp_path, 6, resume=True))
     with pytest.raises(CheckpointError, match="already holds a run"):
-        train(VGFConfig(**TINY), tiny_dataset(), None, tmp_path, 3, progress=False)
+        train(VGFConfig(**TINY), tiny_dataset(), spec(tmp_path, 3))
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        train(VGFConfig(**TINY), tiny_dataset(), None, tmp_path / "empty", 3, resume=True, progress=False)
+        train(VGFConfig(**TINY), tiny_dataset(), spec(tmp_path / "empty", 3, resume=True))
 
 
 def test_finetune_appends_online_data_and_resumes_exactly(tmp_path, monkeypatch):
     """Offline-to-online on Hopper (obs 11, actions 3): explore, append, update; killed and resumed."""
     config = VGFConfig(**TINY)
-    offline = train(config, tiny_dataset(11, 3), None, tmp_path / "offline", 4, log_every=2, checkpoint_every=4,
-                    progress=False)  # fmt: skip
-    kwargs = dict(init_checkpoint=offline.out_dir, log_every=1, checkpoint_every=5, progress=False)
+    offline = train(config, tiny_dataset(11, 3), spec(tmp_path / "offline", 4, log_every=2, checkpoint_every=4))
+    kwargs = dict(env="hopper-medium-v2", log_every=1, checkpoint_every=5)
+    online = dict(init_checkpoint=offline.out_dir, reward_scale=1.0)
     data_full = tiny_dataset(11, 3)
-    full = finetune(config, data_full, "hopper-medium-v2", tmp_path / "full", 12, reward_scale=1.0, **kwargs)
+    full = finetune(config, data_full, spec(tmp_path / "full", 12, **kwargs), **online)
     assert len(data_full) == 64 + 12
     assert read_log(full.train_log)[0]["online_episodes"] != ""
 
     data_killed = tiny_dataset(11, 3)
     crash_after(monkeypatch, data_killed, 7)
     with pytest.raises(Crash):
-        finetune(config, data_killed, "hopper-medium-v2", tmp_path / "killed", 12, reward_scale=1.0, **kwargs)
+        finetune(config, data_killed, spec(tmp_path / "killed", 12, **kwargs), **online)
     monkeypatch.undo()
     scramble_global_rng()
     data_resumed = tiny_dataset(11, 3)
-    resumed = finetune(config, data_resumed, "hopper-medium-v2", tmp_path / "killed", 12, resume=True,
-                       reward_scale=1.0, **kwargs)  # fmt: skip
+    resumed = finetune(config, data_resumed, spec(tmp_path / "killed", 12, resume=True, **kwargs), **online)
     assert losses(read_log(resumed.train_log)) == losses(read_log(full.train_log))
     for key in data_full.keys:
         assert torch.equal(getattr(data_full, key), getattr(data_resumed, key)), key

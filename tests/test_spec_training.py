@@ -11,13 +11,13 @@ from pathlib import Path
 import ogbench
 import pytest
 import torch
-from rl_helpers import Crash, crash_after, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from rl_helpers import Crash, crash_after, one_thread, spec  # noqa: F401 (one_thread: autouse fixture)
 
 from vgf_prob import cli
 from vgf_prob.rl.checkpoint import load_checkpoint
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.offline_dataset import OfflineDataset
-from vgf_prob.rl.trainer import train
+from vgf_prob.rl.run.trainer import train
 
 TINY = VGFConfig(batch_size=8, critic_hidden_dims=(16, 16), bc_hidden_dims=(16, 16), num_particles=3, flow_steps=2,
                  train_budget=1)  # fmt: skip
@@ -56,8 +56,8 @@ def ogbench_timings(monkeypatch) -> list[str]:
 def test_success_timing_of_the_dataset_reaches_train_and_cli_evaluation(tmp_path, ogbench_timings):
     """ogbench >= 1.2 environments default to 'pre'; data labelled with 'post' must be evaluated with 'post'."""
     data = dataset(2, 2, {"source": "ogbench", "env_name": MAZE, "success_timing": "post"})
-    run = train(TINY, data, MAZE, tmp_path / "run", 2, eval_episodes=1, eval_budgets=(0,), log_every=2,
-                checkpoint_every=2, progress=False)  # fmt: skip
+    run = train(TINY, data, spec(tmp_path / "run", 2, env=MAZE, eval_episodes=1, eval_budgets=(0,), log_every=2,
+                                 checkpoint_every=2))  # fmt: skip  # fmt: skip
     assert run.final_scores and ogbench_timings, "train() evaluated nothing"
     assert set(ogbench_timings) == {"post"}, (
         f"train() evaluated in environments with success timing {ogbench_timings}, but the dataset was labelled 'post'"
@@ -82,20 +82,19 @@ def test_resume_restores_a_non_empty_metrics_window_after_a_mid_run_evaluation(t
     holds the window of steps 7-8 and follows the evaluations at steps 3 and 6; the killed run's log row and
     evaluation at step 9 come after it. The resumed run must drop those, log step 9 as the mean over steps
     7-9 and evaluate at steps 9 and 10 exactly as the uninterrupted run does."""
-    kwargs = dict(eval_every=3, eval_episodes=1, eval_budgets=(0, 1), log_every=3, checkpoint_every=4, progress=False,
-                  seed=5)  # fmt: skip
-    full = train(TINY, dataset(11, 3), HOPPER, tmp_path / "full", 10, **kwargs)
+    kwargs = dict(eval_every=3, eval_episodes=1, eval_budgets=(0, 1), log_every=3, checkpoint_every=4, seed=5)
+    full = train(TINY, dataset(11, 3), spec(tmp_path / "full", 10, env=HOPPER, **kwargs))
 
     killed = dataset(11, 3)
     crash_after(monkeypatch, killed, 9)  # dies inside step 10
     with pytest.raises(Crash):
-        train(TINY, killed, HOPPER, tmp_path / "killed", 10, **kwargs)
+        train(TINY, killed, spec(tmp_path / "killed", 10, env=HOPPER, **kwargs))
     monkeypatch.undo()
     saved = load_checkpoint(tmp_path / "killed" / "latest.pt")
     assert saved["step"] == 8 and saved["logs"]["window"]["count"] == 2, "the checkpoint should hold steps 7-8"
     assert [r["step"] for r in read(tmp_path / "killed" / "eval.csv")] == ["3"] * 3 + ["6"] * 3 + ["9"] * 3
 
-    resumed = train(TINY, dataset(11, 3), HOPPER, tmp_path / "killed", 10, resume=True, **kwargs)
+    resumed = train(TINY, dataset(11, 3), spec(tmp_path / "killed", 10, env=HOPPER, resume=True, **kwargs))
     timing = ("steps_per_second",)  # wall-clock rate: the only column allowed to differ
     full_rows, resumed_rows = read(full.train_log, timing), read(resumed.train_log, timing)
     assert [r["step"] for r in resumed_rows] == ["3", "6", "9", "10"]

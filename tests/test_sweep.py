@@ -21,6 +21,8 @@ import pytest
 import torch
 
 from vgf_prob import cli
+from vgf_prob.rl.run.experiment import build_config
+from vgf_prob.rl.run.spec import parse_overrides
 from vgf_prob.rl.recipes import (
     RecipeError,
     check_runs,
@@ -93,10 +95,10 @@ def write_run_logs(run_dir: Path, evals: list[tuple[int, str, str, float]], sps:
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "eval.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", "policy", "L_test", "score", "score_std", "mean_return", "return_std", "episodes",
-                         "score_kind"])  # fmt: skip
+        writer.writerow(["step", "policy", "budget", "budget_type", "score", "score_std", "mean_return", "return_std",
+                         "episodes", "score_kind"])  # fmt: skip
         for step, policy, l_test, score in evals:
-            writer.writerow([step, policy, l_test, score, 0.0, score, 0.0, 1, "return"])
+            writer.writerow([step, policy, l_test, "steps" if l_test else "", score, 0.0, score, 0.0, 1, "return"])
     with (run_dir / "train.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "critic_loss", "steps_per_second"])
@@ -149,9 +151,11 @@ fql = 30
     assert puzzle[0].dataset == str(tmp_path / "data" / "puzzle-3x3-play-v0.npz")
     assert len({r.name for r in runs}) == len(runs)
     assert len(select_runs(runs, tasks=["puzzle-3x3-play-v0"], seeds=[1])) == 4
-    args = cli.build_parser().parse_args(hopper.train_args(recipe["run"], steps=50, threads=1, progress=False))
-    assert (args.steps, args.eval_every, args.log_every, args.threads, args.no_progress) == (50, 50, 1, 1, True)
-    assert cli.build_config(args.preset, hopper.task, args.config) == hopper.config()
+    spec = hopper.spec(recipe["run"], steps=50, threads=1, progress=False)
+    args = cli.build_parser().parse_args(spec.to_argv())
+    assert (args.steps, args.eval_every, args.log_every, args.threads, args.progress) == (50, 50, 1, 1, False)
+    assert cli.train_spec(args) == spec  # the command line round-trips to the same spec
+    assert build_config(args.preset, hopper.task, parse_overrides(args.overrides)) == hopper.config()
 
 
 def test_recipe_errors_are_clear(tmp_path):
@@ -203,15 +207,16 @@ published = 70
     assert len(results) == 5
     first = results[0]
     assert (first["task"], first["seed"], first["step"], first["complete"]) == (runs[0].task, 0, 20, True)
-    assert (first["final L_test=0"], first["best L_test=0"], first["final L_test=1"], first["best L_test=1"]) == (
-        10.0, 15.0, 11.0, 60.0)  # fmt: skip
-    assert first["final BC"] == 2.0 and first["seconds"] == 10 / 5 + 10 / 2
+    assert (first["final best-of-N L_test=0"], first["best best-of-N L_test=0"], first["final VGF L_test=1"],
+            first["best VGF L_test=1"]) == (10.0, 15.0, 11.0, 60.0)  # fmt: skip
+    assert first["final BC reference"] == 2.0 and first["seconds"] == 10 / 5 + 10 / 2
     partial = next(r for r in results if r["seed"] == 2)
     assert (partial["step"], partial["complete"]) == (10, False)
 
     (row,) = summarize(runs, results)
     # seed 0's environment score is the 2-task mean (10 + 30) / 2 = 20, seed 1's (40 + 60) / 2 = 50
-    assert row["L_test=0"] == "35.0 ± 15.0" and row["L_test=1"] == "36.0 ± 15.0" and row["BC"] == "2.0 ± 0.0"
+    assert row["best-of-N L_test=0"] == "35.0 ± 15.0" and row["VGF L_test=1"] == "36.0 ± 15.0"
+    assert row["BC reference"] == "2.0 ± 0.0"
     assert (row["task"], row["runs"], row["seeds"], row["published VGF"]) == ("cube-double-play-v0", "4/6", 2, 70)
 
     paths = write_report(runs, tmp_path / "report", "tiny", print_tables=False)
@@ -337,7 +342,7 @@ def test_local_ray_sweep_survives_a_killed_trial(tmp_path, capsys):
     # the resumed trial equals an uninterrupted `vgf-prob train` of the same run
     settings = load_recipe(recipe)["run"]
     reference = dataclasses.replace(victim, out=tmp_path / "uninterrupted")
-    assert cli.main(reference.train_args(settings, threads=1, progress=False)) == 0
+    assert cli.main(reference.spec(settings, threads=1, progress=False).to_argv()) == 0
     assert (victim.out / "eval.csv").read_text() == (reference.out / "eval.csv").read_text()
     with (victim.out / "train.csv").open() as a, (reference.out / "train.csv").open() as b:
         rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))

@@ -1,19 +1,21 @@
-"""Policy evaluation in the real environments of D4RL and OGBench.
+"""Policy evaluation in the real environments of D4RL and OGBench, and the one comparison of policies.
 
-`make_env` turns a benchmark name into a gymnasium environment whose observations match the dataset's
-(`ENV_FAMILIES` holds the whole mapping). `evaluate` runs full episodes with a torch ``act_fn``, many
-environments in lockstep so that one ``act_fn`` call serves a batch of them; episode ``k`` always
-resets with seed ``seed + k``, so results do not depend on how many environments run at once.
-`budget_sweep` evaluates one checkpoint at several transport budgets (e.g. test-time flow steps).
+`evaluate` runs full episodes with a torch ``act_fn``, many environments in lockstep so that one ``act_fn``
+call serves a batch of them; episode ``k`` always resets with seed ``seed + k``, so results do not depend
+on how many environments run at once. `compare_policies` is the one driver that scores the BC reference,
+best-of-N and VGF at each budget (plus any extra `Policy` a caller adds) on the same seeded episodes, for
+training evaluations, ``vgf-prob eval``, budget sweeps and recipe reports alike. Each result is one
+`ScoreRow` (the one row schema: eval.csv, sweep JSON and reports), named by `policy_label` and rendered by
+`format_table` / `format_scores`.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from io import StringIO
 from typing import Any, Literal
 
@@ -22,220 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vgf_prob.rl.env_warnings import quiet_env_warnings
+from vgf_prob.rl.envs import make_envs, resolve_env_name
 
 ActFn = Callable[[Tensor], Tensor]
-
-# D4RL's antmaze-*-v2 evaluation mazes (d4rl.locomotion.maze_env *_TEST maps): start cell "r", goal "g".
-# Rows run along +y in D4RL but along -y in gymnasium-robotics, so `_d4rl_maze` flips them.
-_U_MAZE = ["11111", "1r001", "11101", "1g001", "11111"]
-_MEDIUM_MAZE = ["11111111", "1r011001", "10010001", "11000111", "10010001", "10100101", "100010g1", "11111111"]
-_LARGE_MAZE = [
-    "111111111111",
-    "1r0001000001",
-    "101101010101",
-    "100000010001",
-    "101111011101",
-    "100101000001",
-    "110101010111",
-    "100100010g01",
-    "111111111111",
-]
-
-
-def _d4rl_maze(rows: list[str]) -> list[list[int | str]]:
-    """A D4RL maze as a gymnasium-robotics ``maze_map`` (rows flipped so both share the +y direction)."""
-    return [[int(c) if c.isdigit() else c for c in row] for row in reversed(rows)]
-
-
-class _ZeroPadObservation(gym.ObservationWrapper):
-    """Append zeros up to ``dim`` entries (D4RL ant-v2 stores 84 contact forces that are always 0)."""
-
-    def __init__(self, env: gym.Env, dim: int) -> None:
-        super().__init__(env)
-        self._pad = dim - env.observation_space.shape[0]
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64)
-
-    def observation(self, observation: np.ndarray) -> np.ndarray:
-        return np.concatenate([observation, np.zeros(self._pad)])
-
-
-class _D4RLAntMazeObservation(gym.ObservationWrapper):
-    """gymnasium-robotics AntMaze dict -> D4RL's flat ``[x, y, qpos[2:], qvel]`` with the start cell at 0."""
-
-    def __init__(self, env: gym.Env) -> None:
-        super().__init__(env)
-        self._origin = np.asarray(env.unwrapped.maze.unique_reset_locations[0], dtype=np.float64)
-        dim = 2 + env.observation_space["observation"].shape[0]
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64)
-
-    def observation(self, observation: dict[str, np.ndarray]) -> np.ndarray:
-        return np.concatenate([observation["achieved_goal"] - self._origin, observation["observation"]])
-
-
-@dataclass(frozen=True)
-class EnvFamily:
-    """How the benchmark names matching ``pattern`` become a gymnasium environment.
-
-    ``gym_id`` None means OGBench derives the id from the name (``ogbench.make_env_and_datasets``).
-    ``obs_dim`` is the dataset's observation size, checked when the environment is made.
-    ``max_episode_steps`` overrides the registered time limit where the benchmark's differs.
-    ``requires`` names the package (import name, pip name) that registers ``gym_id``.
-    ``reports_success``: the final step's ``info['success']`` is the episode's success flag.
-    """
-
-    suite: Literal["d4rl", "ogbench"]
-    pattern: str
-    gym_id: str | None = None
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    obs_dim: int | None = None
-    max_episode_steps: int | None = None
-    requires: tuple[str, str] | None = None
-    wrapper: Callable[[gym.Env], gym.Env] | None = None
-    reports_success: bool = False
-
-
-_LOCO = r"-(random|medium|expert|medium-replay|medium-expert|full-replay)-v[0-2]"
-_ROBOTICS = ("gymnasium_robotics", "gymnasium-robotics")
-_ANTMAZE = dict(continuing_task=False, reset_target=False)
-
-ENV_FAMILIES: dict[str, EnvFamily] = {
-    "hopper": EnvFamily("d4rl", "hopper" + _LOCO, "Hopper-v5", obs_dim=11),
-    "halfcheetah": EnvFamily("d4rl", "halfcheetah" + _LOCO, "HalfCheetah-v5", obs_dim=17),
-    # walker2d.xml is the v2-v4 model (feet frictions 1.9 / 0.9); Walker2d-v5's default model changed them.
-    "walker2d": EnvFamily("d4rl", "walker2d" + _LOCO, "Walker2d-v5", {"xml_file": "walker2d.xml"}, obs_dim=17),
-    # ant-v2's 111 = 27 positions/velocities + 84 contact forces that mujoco-py 2 never filled in (all
-    # zero, so no contact cost either): reproduce that instead of Ant-v5's live 78 forces.
-    "ant": EnvFamily(
-        "d4rl",
-        "ant" + _LOCO,
-        "Ant-v5",
-        {"include_cfrc_ext_in_observation": False, "contact_cost_weight": 0.0},
-        obs_dim=111,
-        wrapper=lambda env: _ZeroPadObservation(env, 111),
-    ),
-    "antmaze-umaze": EnvFamily(
-        "d4rl", r"antmaze-umaze(-diverse)?-v[0-2]", "AntMaze_UMaze-v4", {**_ANTMAZE, "maze_map": _d4rl_maze(_U_MAZE)},
-        obs_dim=29, max_episode_steps=700, requires=_ROBOTICS, wrapper=_D4RLAntMazeObservation, reports_success=True,
-    ),
-    "antmaze-medium": EnvFamily(
-        "d4rl", r"antmaze-medium-(play|diverse)-v[0-2]", "AntMaze_Medium-v4",
-        {**_ANTMAZE, "maze_map": _d4rl_maze(_MEDIUM_MAZE)},
-        obs_dim=29, max_episode_steps=1000, requires=_ROBOTICS, wrapper=_D4RLAntMazeObservation, reports_success=True,
-    ),
-    "antmaze-large": EnvFamily(
-        "d4rl", r"antmaze-large-(play|diverse)-v[0-2]", "AntMaze_Large-v4",
-        {**_ANTMAZE, "maze_map": _d4rl_maze(_LARGE_MAZE)},
-        obs_dim=29, max_episode_steps=1000, requires=_ROBOTICS, wrapper=_D4RLAntMazeObservation, reports_success=True,
-    ),
-    "pen": EnvFamily("d4rl", r"pen-(human|cloned|expert)-v[01]", "AdroitHandPen-v1", obs_dim=45,
-                     max_episode_steps=100, requires=_ROBOTICS),
-    "door": EnvFamily("d4rl", r"door-(human|cloned|expert)-v[01]", "AdroitHandDoor-v1", obs_dim=39,
-                      max_episode_steps=200, requires=_ROBOTICS),
-    "hammer": EnvFamily("d4rl", r"hammer-(human|cloned|expert)-v[01]", "AdroitHandHammer-v1", obs_dim=46,
-                        max_episode_steps=200, requires=_ROBOTICS),
-    "relocate": EnvFamily("d4rl", r"relocate-(human|cloned|expert)-v[01]", "AdroitHandRelocate-v1", obs_dim=39,
-                          max_episode_steps=200, requires=_ROBOTICS),
-    # Data generated by vgf_prob.rl.gym_generate (scripted behaviour), scored against its own reference returns.
-    "reacher": EnvFamily("d4rl", r"reacher-(expert|noisy|mixed|random)-v0", "Reacher-v5", obs_dim=10),
-    # Any OGBench dataset name, e.g. cube-single-play-singletask-task1-v0 or puzzle-3x3-play-v0.
-    "ogbench": EnvFamily(
-        "ogbench",
-        r"(visual-)?(cube|scene|puzzle|pointmaze|antmaze|humanoidmaze|antsoccer|powderworld)-[a-z0-9-]+-v\d+",
-        reports_success=True,
-    ),
-}
-"""Benchmark name -> gymnasium environment, tried in order (D4RL antmaze names before OGBench's).
-
-D4RL tasks map to gymnasium's MuJoCo v5 locomotion (the d4rl package needs mujoco-py and cannot be
-installed on Python >= 3.11) and to gymnasium-robotics for antmaze and Adroit; the datasets that
-`vgf_prob.rl.gym_generate` makes (``reacher-noisy-v0``, ...) to their gymnasium env; OGBench names go
-through ``ogbench.make_env_and_datasets(name, env_only=True)`` (no dataset is touched). OGBench >= 1.2
-counts singletask success on the pre-action state; pass ``success_timing="post"`` to `make_env` to
-restore the 1.1 timing of published numbers.
-"""
-
-
-def resolve_env_name(env_name: str) -> tuple[str, EnvFamily]:
-    """The `ENV_FAMILIES` entry (key, family) whose pattern matches ``env_name``; ValueError if none."""
-    for key, family in ENV_FAMILIES.items():
-        if re.fullmatch(family.pattern, env_name):
-            return key, family
-    raise ValueError(
-        f"unknown environment {env_name!r}; expected a D4RL name (hopper/halfcheetah/walker2d/ant-<dataset>-v2, "
-        f"antmaze-<maze>[-<type>]-v2, pen/door/hammer/relocate-<dataset>-v1) or an OGBench dataset name "
-        f"(e.g. cube-single-play-singletask-task1-v0); families: {', '.join(ENV_FAMILIES)}"
-    )
-
-
-def make_env(env_name: str, seed: int | None = None, max_episode_steps: int | None = None, **env_kwargs: Any) -> gym.Env:
-    """A gymnasium environment for a D4RL or OGBench name (see `ENV_FAMILIES`).
-
-    ``seed`` resets the environment once with it and seeds its action space. ``max_episode_steps``
-    replaces the time limit; ``env_kwargs`` go to the environment's constructor.
-    """
-    key, family = resolve_env_name(env_name)
-    limit = max_episode_steps or family.max_episode_steps
-    make_kwargs = {} if limit is None else {"max_episode_steps": limit}
-    with quiet_env_warnings():
-        env = _make(env_name, family, make_kwargs, env_kwargs)
-        if family.suite == "ogbench":
-            env = _QuietOGBench(env)
-    if family.obs_dim is not None and env.observation_space.shape != (family.obs_dim,):
-        raise RuntimeError(
-            f"{env_name!r} ({key} family) gives observations of shape {env.observation_space.shape}, "
-            f"expected ({family.obs_dim},) as in the dataset"
-        )
-    if seed is not None:
-        env.reset(seed=seed)
-        env.action_space.seed(seed)
-    return env
-
-
-class _QuietOGBench(gym.Wrapper):
-    """OGBench's manipulation envs build a new float64-bounded ``Box`` (and gymnasium warns) each time their
-    action space is read, also inside ``step``: keep one copy, and step and reset under `quiet_env_warnings`."""
-
-    def __init__(self, env: gym.Env) -> None:
-        super().__init__(env)
-        self.action_space = env.action_space
-
-    def step(self, action: Any) -> Any:
-        with quiet_env_warnings():
-            return self.env.step(action)
-
-    def reset(self, **kwargs: Any) -> Any:
-        with quiet_env_warnings():
-            return self.env.reset(**kwargs)
-
-
-def _make(env_name: str, family: EnvFamily, make_kwargs: dict[str, Any], env_kwargs: Mapping[str, Any]) -> gym.Env:
-    """The bare environment of ``family`` (OGBench's factory or ``gym.make``), wrapped as the family says."""
-    if family.suite == "ogbench":
-        import ogbench
-
-        try:
-            env = ogbench.make_env_and_datasets(env_name, env_only=True, **make_kwargs, **env_kwargs)
-        except gym.error.Error as err:
-            raise ValueError(f"OGBench has no environment for {env_name!r}: {err}") from err
-    else:
-        if family.requires is not None:
-            module, pip_name = family.requires
-            try:
-                gym.register_envs(importlib.import_module(module))
-            except ImportError as err:
-                raise ImportError(f"{env_name!r} needs the {pip_name!r} package: pip install {pip_name}") from err
-        env = gym.make(family.gym_id, **make_kwargs, **{**family.kwargs, **env_kwargs})
-        if family.wrapper is not None:
-            env = family.wrapper(env)
-    return env
-
-
-def make_envs(env_name: str, num_envs: int, max_episode_steps: int | None = None, **env_kwargs: Any) -> list[gym.Env]:
-    """``num_envs`` independent copies of `make_env` (to reuse across `evaluate` calls via ``envs=``)."""
-    if num_envs < 1:
-        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-    return [make_env(env_name, max_episode_steps=max_episode_steps, **env_kwargs) for _ in range(num_envs)]
+BUDGET_TYPES = ("steps", "displacement", "sinkhorn")
 
 
 @dataclass
@@ -445,56 +237,187 @@ def _normalized_scores(env_name: str, returns: np.ndarray) -> np.ndarray | None:
         return None
 
 
-def budget_sweep(
-    make_act_fn: Callable[[Any], ActFn],
-    env_name: str,
-    budgets: Sequence[Any],
-    num_episodes: int = 10,
-    seed: int = 0,
-    max_episode_steps: int | None = None,
-    progress: bool = False,
-    device: torch.device | str | None = None,
-    num_envs: int | None = None,
-    env_kwargs: Mapping[str, Any] | None = None,
-    policy_name: str = "VGF",
-) -> list[dict[str, Any]]:
-    """Evaluate ``make_act_fn(b)`` for each budget ``b`` on the same environments and episode seeds.
+# ============================================================================================ one row schema
+@dataclass(frozen=True)
+class ScoreRow:
+    """One policy's score over one set of seeded episodes: the row of eval.csv, sweeps and reports.
 
-    A budget is anything ``make_act_fn`` accepts (an int L_test, a `vgf_prob.budget` object, ...).
-    Progress bars read ``"<policy_name> budget=<b>"``; int budgets ``"<policy_name> L_test=<b>"``, and 0 (no
-    flow step: the reference's best sample) ``"best-of-N L_test=0"``.
-    Other arguments as in `evaluate`. Returns one row per budget:
-    ``budget, score, std, episodes, mean_return, return_std, score_kind, wall_time`` (stds over episodes).
+    ``budget`` is the transport budget the policy acted with (``budget_type`` "steps": L_test, a whole
+    number; "displacement" / "sinkhorn": a radius), None for a policy without a flow (the BC reference).
+    ``score`` and ``score_std`` are the mean and population std over episodes of the per-episode score
+    (``score_kind``: D4RL normalised score, success rate in %, or return); ``mean_return`` / ``return_std``
+    the same for the undiscounted return.
     """
-    num_envs = num_envs or min(num_episodes, 10)
-    envs = make_envs(env_name, num_envs, max_episode_steps=max_episode_steps, **(env_kwargs or {}))
+
+    policy: str
+    budget: int | float | None
+    budget_type: str | None
+    score: float
+    score_std: float
+    mean_return: float
+    return_std: float
+    episodes: int
+    score_kind: str
+
+    @property
+    def label(self) -> str:
+        return policy_label(self.policy, self.budget, self.budget_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ScoreRow:
+        """A row from `to_dict` or from a CSV row (text cells; an empty budget is None)."""
+        kind = values["budget_type"] or None
+        budget = values["budget"]
+        if budget in ("", None):
+            budget = None
+        elif isinstance(budget, str):
+            budget = int(budget) if kind == "steps" else float(budget)
+        return cls(values["policy"], budget, kind, float(values["score"]), float(values["score_std"]),
+                   float(values["mean_return"]), float(values["return_std"]), int(values["episodes"]),
+                   values["score_kind"])  # fmt: skip
+
+
+ROW_COLUMNS = tuple(f.name for f in fields(ScoreRow))
+
+
+def policy_label(policy: str, budget: int | float | None = None, budget_type: str | None = "steps") -> str:
+    """The one name of a policy at a budget: ``BC reference``, ``best-of-N L_test=0``, ``VGF L_test=3``,
+    ``VGF displacement=0.1``."""
+    if budget is None:
+        return policy
+    if budget_type == "steps":
+        return f"{policy} L_test={int(budget)}"
+    return f"{policy} {budget_type}={budget:g}"
+
+
+# ============================================================================================ the comparison
+@dataclass(frozen=True)
+class Policy:
+    """A policy to compare: ``make(agent, generator)`` returns its act function ``obs [n, O] -> actions [n, A]``.
+
+    ``budget`` / ``budget_type`` only name it in its `ScoreRow` (e.g. best-of-N at another N is
+    ``Policy("best-of-N N=40", make)``).
+    """
+
+    name: str
+    make: Callable[[Any, torch.Generator], ActFn]
+    budget: int | float | None = None
+    budget_type: str | None = None
+
+
+def make_budget(value: float, budget_type: str = "steps", max_flow_steps: int = 20) -> Any:
+    """An ``agent.act`` budget: an int L_test, or a displacement / Sinkhorn radius capped at ``max_flow_steps``.
+
+    Raises ValueError for a fractional or negative step count or an unknown ``budget_type``.
+    """
+    from vgf_prob.budget import DisplacementBudget, SinkhornBudget, StepBudget
+
+    if budget_type not in BUDGET_TYPES:
+        raise ValueError(f"budget type must be one of {BUDGET_TYPES}, got {budget_type!r}")
+    if budget_type == "steps":
+        if isinstance(value, bool) or value < 0 or not float(value).is_integer():
+            raise ValueError(f"step budgets (L_test) must be whole numbers >= 0, got {value}")
+        return int(value)
+    kind = DisplacementBudget if budget_type == "displacement" else SinkhornBudget
+    return kind(value) & StepBudget(max_flow_steps)
+
+
+def standard_policies(budgets: Sequence[float], budget_type: str = "steps", max_flow_steps: int = 20) -> list[Policy]:
+    """The BC reference, then per budget: best-of-N (0 flow steps) or VGF (`make_budget` of the budget)."""
+    policies = [Policy("BC reference", lambda agent, g: lambda obs: agent.bc_action(obs, generator=g))]
+    for value in budgets:
+        budget = make_budget(value, budget_type, max_flow_steps)
+        name = "best-of-N" if budget_type == "steps" and budget == 0 else "VGF"
+        shown = int(value) if budget_type == "steps" else float(value)
+        policies.append(Policy(name, _acting_at(budget), shown, budget_type))
+    return policies
+
+
+def _acting_at(budget: Any) -> Callable[[Any, torch.Generator], ActFn]:
+    return lambda agent, g: lambda obs: agent.act(obs, budget=budget, generator=g)
+
+
+def compare_policies(
+    agent: Any,
+    env_name: str,
+    budgets: Sequence[float],
+    num_episodes: int,
+    seed: int,
+    step: int = 0,
+    budget_type: str = "steps",
+    max_flow_steps: int = 20,
+    extra: Sequence[Policy] = (),
+    env_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> list[ScoreRow]:
+    """Score `standard_policies` and then ``extra`` on the same ``num_episodes`` seeded episodes.
+
+    Episode ``k`` of every policy resets with seed ``seed + k``; the agent's noise comes from one
+    generator seeded by ``(seed, step)``, drawn from by the policies in turn, and every global RNG is
+    restored afterwards (evaluating never changes training). One row per policy, in order.
+    """
+    policies = [*standard_policies(budgets, budget_type, max_flow_steps), *extra]
+    generator = torch.Generator(device=agent.device).manual_seed(mix_seed(seed, step))
     rows = []
-    for budget in budgets:
-        if isinstance(budget, int):
-            label = "best-of-N L_test=0" if budget == 0 else f"{policy_name} L_test={budget}"
-        else:
-            label = f"{policy_name} budget={budget}"
-        result = evaluate(
-            make_act_fn(budget), env_name, num_episodes, seed, progress=progress, device=device, envs=envs,
-            label=label,
-        )
-        rows.append(
-            {
-                "budget": budget,
-                "score": result.score,
-                "std": result.score_std,
-                "episodes": result.num_episodes,
-                "mean_return": result.mean_return,
-                "return_std": result.std_return,
-                "score_kind": result.score_kind,
-                "wall_time": result.wall_time,
-            }
-        )
+    with preserved_rng():
+        envs = make_envs(env_name, min(num_episodes, 10), **(env_kwargs or {}))
+        try:
+            for p in policies:
+                label = policy_label(p.name, p.budget, p.budget_type)
+                result = evaluate(p.make(agent, generator), env_name, num_episodes, seed, device=agent.device,
+                                  envs=envs, progress=progress, label=label)  # fmt: skip
+                rows.append(ScoreRow(p.name, p.budget, p.budget_type, result.score, result.score_std,
+                                     result.mean_return, result.std_return, result.num_episodes, result.score_kind))  # fmt: skip
+        finally:
+            for env in envs:
+                env.close()
     return rows
 
 
+def mix_seed(seed: int, step: int) -> int:
+    """One 32-bit seed from ``(seed, step)`` (numpy's SeedSequence): evaluation noise per evaluation step."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore torch's, numpy's and python's global RNG state on exit (evaluation must not move them)."""
+    from vgf_prob.rl.checkpoint import capture_rng_state, restore_rng_state
+
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+# ============================================================================================ one renderer
+SCORE_UNITS = {"success_rate": "success %", "d4rl_normalized": "D4RL score", "return": "return"}
+
+
+def format_scores(rows: Sequence[ScoreRow], title: str, print_table: bool = False) -> str:
+    """Score rows as the comparison table (policy, budget, score ± std, mean return ± std, episodes)."""
+    kind = rows[0].score_kind if rows else "score"
+    unit = SCORE_UNITS.get(kind, kind)
+    types = {r.budget_type for r in rows if r.budget_type is not None}
+    budget_column = "L_test" if types <= {"steps"} else "/".join(sorted(types))
+    table = [
+        {"policy": r.policy, budget_column: "-" if r.budget is None else r.budget,
+         unit: f"{r.score:.1f} ± {r.score_std:.1f}", "mean return": f"{r.mean_return:.1f} ± {r.return_std:.1f}",
+         "episodes": r.episodes}
+        for r in rows
+    ]  # fmt: skip
+    if print_table:  # a line of its own: a rich table title wraps (mid-word) at the table's width
+        print(title)
+    return f"{title}\n" + format_table(table, print_table=print_table)
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], title: str | None = None, print_table: bool = True) -> str:
-    """Render ``rows`` (e.g. from `budget_sweep`) as a rich table; print it and return it as plain text."""
+    """The one table renderer: ``rows`` (dicts; columns in order of appearance) as a rich table, printed when
+    ``print_table``, and returned as plain text (floats with 2 decimals, None as ``-``)."""
     from rich.console import Console
     from rich.table import Table
 

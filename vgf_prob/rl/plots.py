@@ -106,14 +106,14 @@ def plot_budget_sweep(
     ylabel: str | None = None,
     show_return: bool | None = None,
 ) -> Path:
-    """Score against budget with ±std error bars (over episodes), from `vgf_prob.rl.evaluate.budget_sweep` rows.
+    """Score against budget with ±std error bars (over episodes), from `vgf_prob.rl.evaluate.ScoreRow` dicts.
 
-    Rows hold ``budget``, ``score`` and optionally ``std``, ``mean_return``, ``return_std``, ``score_kind``
+    Rows hold ``budget``, ``score`` and optionally ``score_std``, ``mean_return``, ``return_std``, ``score_kind``
     and ``label`` (one curve per label). Whole-number budgets are steps: ticks sit at exactly those
     values, and in an unlabelled sweep the budget-0 point (no flow step: the best of the reference's
     samples) is drawn as "best-of-N". Other numeric budgets go on a numeric axis, anything else (budget
     objects) at evenly spaced ticks named by ``str(budget)``.
-    ``reference_lines``: name -> score, or name -> ``{"score", "std", "mean_return", "return_std"}``;
+    ``reference_lines``: name -> score, or name -> ``{"score", "score_std", "mean_return", "return_std"}``;
     each is a dashed horizontal line, with a shaded ± std band when the std is given (e.g. BC).
     ``ylabel`` defaults to the label of the rows' ``score_kind`` (`SCORE_LABELS`). ``show_return`` adds
     a panel of the mean return per episode; by default when the rows carry it and the score can
@@ -138,7 +138,7 @@ def plot_budget_sweep(
     def position(budget: Any) -> float:
         return float(budget) if numeric else float(names.index(str(budget)))
 
-    panels = [("score", "std", ylabel or SCORE_LABELS.get(kind, "score"))]
+    panels = [("score", "score_std", ylabel or SCORE_LABELS.get(kind, "score"))]
     if show_return:
         panels.append(("mean_return", "return_std", "mean return per episode"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
@@ -150,7 +150,7 @@ def plot_budget_sweep(
                 continue
             color = _REFERENCE_COLORS[i % len(_REFERENCE_COLORS)]
             ax.axhline(value, linestyle="--", color=color, label=name)
-            spread = ref.get(std_key if key == "mean_return" else "std")
+            spread = ref.get(std_key)
             if spread:
                 ax.axhspan(value - spread, value + spread, color=color, alpha=0.12)
         for label in dict.fromkeys(row.get("label") for row in rows):

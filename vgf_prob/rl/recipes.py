@@ -22,7 +22,8 @@ The report on a set of runs reads each run directory's ``eval.csv`` and ``train.
 the same whichever runner (or machine) trained them:
 
 - results: one row per run that has evaluated at least once: the final score (at the last evaluation)
-  and the best score (maximum over evaluations) of each policy (``BC``, ``L_test=k``), the last evaluated
+  and the best score (maximum over evaluations) of each policy (named by `vgf_prob.rl.evaluate.policy_label`:
+  ``BC reference``, ``best-of-N L_test=0``, ``VGF L_test=k``), the last evaluated
   step, and the loop's wall time summed from ``train.csv`` (``sum_rows (step - previous step) /
   steps_per_second``: training, evaluation and checkpoints of the kept history; start-up and work lost
   to a crash are not in it);
@@ -40,6 +41,7 @@ import csv
 import itertools
 import json
 import math
+import re
 import statistics
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -91,31 +93,23 @@ class Run:
 
     def command(self, run: Mapping[str, Any]) -> list[str]:
         """The ``vgf-prob train`` command line of this run under the recipe's ``[run]`` settings ``run``."""
-        return ["vgf-prob", *self.train_args(run)]
+        return ["vgf-prob", *self.spec(run).to_argv()]
 
-    def train_args(
-        self, run: Mapping[str, Any], steps: int | None = None, threads: int | None = None, progress: bool = True
-    ) -> list[str]:
-        """Arguments of ``vgf-prob train`` for this run (``--steps`` ``steps`` instead of the run's, to stop
-        early and continue later with the same logs); ``--resume`` when the run directory holds a checkpoint."""
+    def spec(self, run: Mapping[str, Any], steps: int | None = None, threads: int | None = None, progress: bool = True):
+        """This run's `vgf_prob.rl.run.spec.TrainSpec` under the recipe's ``[run]`` settings (``steps`` instead of
+        the run's, to stop early and continue later with the same logs); ``resume`` when the run directory holds
+        a checkpoint."""
         from vgf_prob.rl.checkpoint import LATEST
+        from vgf_prob.rl.run.spec import TrainSpec
 
-        args = ["train", "--dataset", self.dataset, "--env", self.env, "--preset", self.task,
-                "--steps", str(self.steps if steps is None else steps), "--seed", str(self.seed),
-                "--out", str(self.out), "--device", run.get("device", "cpu"), "--eval-every", str(run["eval_every"]),
-                "--eval-episodes", str(run["eval_episodes"]), "--checkpoint-every", str(run["checkpoint_every"]),
-                "--log-every", str(log_every(run, self.steps)), "--budgets", *map(str, run["budgets"])]  # fmt: skip
-        if self.task_id is not None:
-            args += ["--task-id", str(self.task_id)]
-        if self.overrides:
-            args += ["--config", *(f"{k}={json.dumps(v)}" for k, v in self.overrides.items())]
-        if threads is not None:
-            args += ["--threads", str(threads)]
-        if not progress:
-            args.append("--no-progress")
-        if (self.out / LATEST).exists():
-            args.append("--resume")
-        return args
+        return TrainSpec(
+            dataset=self.dataset, env=self.env, task_id=self.task_id, preset=self.task, overrides=self.overrides,
+            steps=self.steps if steps is None else steps, seed=self.seed, out=str(self.out),
+            device=run.get("device", "cpu"), eval_every=int(run["eval_every"]), eval_episodes=int(run["eval_episodes"]),
+            budgets=tuple(run["budgets"]), checkpoint_every=int(run["checkpoint_every"]),
+            log_every=log_every(run, self.steps), threads=threads, progress=None if progress else False,
+            resume=(self.out / LATEST).exists(),
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (the path as text), e.g. for a Ray Tune trial's config; `from_dict` inverts it."""
@@ -240,32 +234,29 @@ def check_runs(runs: Sequence[Run]) -> None:
 
 
 # ============================================================================================== report
-def policy_label(policy: str, l_test: str) -> str:
-    """``BC`` for the BC reference (no L_test), else ``L_test=<k>``."""
-    return "BC" if l_test in ("", None) else f"L_test={l_test}"
-
-
 def scores_at(run_dir: Path, step: int) -> dict[str, float]:
-    """``{label: score}`` of the evaluation at ``step`` in ``run_dir/eval.csv`` (empty if none)."""
-    return {policy_label(r["policy"], r["L_test"]): float(r["score"])
-            for r in _read_csv(run_dir / "eval.csv") if int(r["step"]) == step}  # fmt: skip
+    """``{policy label: score}`` of the evaluation at ``step`` in ``run_dir/eval.csv`` (empty if none)."""
+    from vgf_prob.rl.run.logs import read_eval_rows
+
+    return {row.label: row.score for s, row in read_eval_rows(run_dir / "eval.csv") if s == step}
 
 
 def run_results(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per run that has evaluated: task, seed, grid point, step, complete, final and best scores, seconds."""
+    from vgf_prob.rl.run.logs import read_eval_rows
+
     rows = []
     for r in runs:
-        evals = _read_csv(r.out / "eval.csv")
+        evals = read_eval_rows(r.out / "eval.csv")
         if not evals:
             continue
-        last = max(int(e["step"]) for e in evals)
+        last = max(step for step, _ in evals)
         final: dict[str, float] = {}
         best: dict[str, float] = {}
-        for e in evals:
-            label, score = policy_label(e["policy"], e["L_test"]), float(e["score"])
-            best[label] = max(best.get(label, -math.inf), score)
-            if int(e["step"]) == last:
-                final[label] = score
+        for step, e in evals:
+            best[e.label] = max(best.get(e.label, -math.inf), e.score)
+            if step == last:
+                final[e.label] = e.score
         row: dict[str, Any] = {"task": r.task, "seed": r.seed}
         if r.grid:
             row["grid"] = grid_label(r.grid)
@@ -313,6 +304,8 @@ def write_report(runs: Sequence[Run], out_dir: str | Path, title: str, print_tab
     Returns the paths written by kind (``results_csv``, ``results_json``, ``summary``, ``plot``); the
     plot only when some run is complete.
     """
+    from vgf_prob.rl.evaluate import format_table
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = run_results(runs)
@@ -330,9 +323,9 @@ def write_report(runs: Sequence[Run], out_dir: str | Path, title: str, print_tab
         paths["plot"] = plot
     if print_tables:
         print(f"{title}: {len(results)} of {len(runs)} runs evaluated")
-        print(text_table(results))
+        format_table(results)
         print(f"{title}: final score, mean ± std over seeds of complete runs")
-        print(text_table(summary))
+        format_table(summary)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return paths
 
@@ -360,22 +353,22 @@ def plot_score_vs_budget(
         mine = [row for row in complete if row["task"] == task]
         for point in dict.fromkeys(row.get("grid", "") for row in mine):
             group = [row for row in mine if row.get("grid", "") == point]
-            budgets = sorted({int(k.split("=")[1]) for row in group for k in row if k.startswith("final L_test=")})
+            budgets = sorted({b for row in group for b in _budget_columns(row)})
             means, stds = [], []
             for b in budgets:
-                values = [row[f"final L_test={b}"] for row in group if f"final L_test={b}" in row]
+                values = [row[_budget_columns(row)[b]] for row in group if b in _budget_columns(row)]
                 means.append(statistics.mean(values))
                 stds.append(statistics.pstdev(values))
             label = f"VGF {point}" if point else "VGF"
             line = ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=label)
-            bc = [row["final BC"] for row in group if "final BC" in row]
+            bc = [row["final BC reference"] for row in group if "final BC reference" in row]
             if bc:
                 ax.axhline(statistics.mean(bc), linestyle="--", color=line[0].get_color(), alpha=0.6,
                            label=f"BC {point}".strip())  # fmt: skip
         if references.get(task) is not None:
             ax.axhline(references[task], linestyle=":", color="black", label="published VGF")
         ax.set_title(f"{task} ({len({row['seed'] for row in mine})} seeds)", fontsize=8)
-        ax.set_xticks(sorted({int(k.split("=")[1]) for row in mine for k in row if k.startswith("final L_test=")}))
+        ax.set_xticks(sorted({b for row in mine for b in _budget_columns(row)}))
         ax.set_xlabel("L_test (flow steps; 0 = best-of-N)")
         ax.set_ylabel("final score")
         ax.legend(fontsize=6)
@@ -387,18 +380,9 @@ def plot_score_vs_budget(
     return out_png
 
 
-def text_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Rows as aligned plain-text columns (any width; floats with 2 decimals, None as ``-``)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    if not columns:
-        return "(none)"
-
-    def cell(value: Any) -> str:
-        return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
-
-    cells = [columns, *([cell(row.get(c)) for c in columns] for row in rows)]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(text.rjust(w) for text, w in zip(line, widths, strict=True)) for line in cells)
+def _budget_columns(row: Mapping[str, Any]) -> dict[int, str]:
+    """``{L_test: column}`` of a results row's ``final <policy> L_test=<k>`` columns."""
+    return {int(m.group(1)): k for k in row if (m := re.fullmatch(r"final .+ L_test=(\d+)", k))}
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

@@ -10,17 +10,22 @@ The same from Python: ``sweep("recipes/d4rl.toml", seeds=[0, 1], device="cpu")``
 extra (``ray[tune]``); ``--dry-run`` does not. Ray is imported only when a sweep starts.
 
 Runs are `vgf_prob.rl.recipes` expansions, the same as ``recipes/reproduce.py``'s. Each trial is one run
-(`train_trial`); it calls ``vgf-prob train`` in-process (`vgf_prob.cli.main`) with the run's command line,
-in segments that end at each evaluation step ``eval_every, 2 eval_every, ..., steps``: a segment is
-``vgf-prob train --steps <segment end> [--resume]`` on the run directory, and the run's checkpoints make
-the segments one exact run (a resumed run equals an uninterrupted one: weights, RNG streams and logs,
-since every segment end is an evaluation step and a multiple of ``log_every``). After each segment the
-trial reports the evaluation's scores (``L_test=<k>``, ``BC``) with a Ray checkpoint holding the run's
-``latest.pt``, ``train.csv`` and ``eval.csv``. A trial that fails (an exception, a killed or lost worker)
-is restarted up to ``max_failures`` times; the restarted trial copies its last Ray checkpoint into the run
-directory (unless the directory holds a later checkpoint of its own, e.g. on the same machine) and
-continues from it. ``--resume`` restores a stopped sweep with ``Tuner.restore`` (unfinished and errored
-trials continue from their checkpoints).
+(`train_trial`); it calls `vgf_prob.rl.run.experiment.run_training` in-process with the run's
+`vgf_prob.rl.run.spec.TrainSpec`, in segments that end at each evaluation step ``eval_every, 2 eval_every,
+..., steps``: a segment is the spec with ``steps=<segment end>`` (and ``resume`` once the run directory
+holds a checkpoint), and the run's checkpoints make the segments one exact run (a resumed run equals an
+uninterrupted one: weights, RNG streams and logs, since every segment end is an evaluation step and a
+multiple of ``log_every``). After each segment the trial reports the evaluation's scores (by
+`vgf_prob.rl.evaluate.policy_label`) with a Ray checkpoint holding the run's ``latest.pt``, ``train.csv``
+and ``eval.csv``. A trial that fails for a reason that would fail again (a bad setting, missing data, a
+checkpoint that does not fit, a diverging run: `is_deterministic`) reports its message once and ends; the
+sweep lists it with the other failures and does not restart it. A trial that fails otherwise (an
+exception, a killed or lost worker) is restarted up to ``max_failures`` times; the restarted trial copies
+its last Ray checkpoint into the run directory (unless the directory holds a later checkpoint of its own,
+e.g. on the same machine) and continues from it. ``--resume`` restores a stopped sweep with
+``Tuner.restore`` (unfinished and errored trials continue from their checkpoints). Ray runs a trial in a
+thread of its worker, where signals cannot be caught: a preempted Ray worker is a lost worker, and the
+trial restarts from its last Ray checkpoint.
 
 Run directories are the ones ``vgf-prob train`` writes (``<out_dir>/<task>[/<grid point>]/seed<k>``), so
 ``vgf-prob eval`` works on any trial. At the end the driver copies each trial's last Ray checkpoint into
@@ -227,7 +232,7 @@ def print_plan(plan: Plan) -> None:
     first = plan.runs[0]
     ends = report_steps(first.steps, int(plan.settings["eval_every"]))
     shown = ", ".join(f"{s:,}" for s in ends[:2]) + (f", ..., {ends[-1]:,}" if len(ends) > 2 else "")
-    argv = first.train_args(plan.settings, steps=ends[0], threads=plan.threads, progress=False)
+    argv = first.spec(plan.settings, steps=ends[0], threads=plan.threads, progress=False).to_argv()
     print(f"each trial runs `vgf-prob train` in segments ending at steps {shown}; {first.name}'s first: "
           + shlex.join(["vgf-prob", *argv]))
 
@@ -286,7 +291,9 @@ def execute(
             if result.checkpoint is not None and result.config["run"] in runs:
                 _gather(result.checkpoint, Path(runs[result.config["run"]]["out"]))
         failed = [(r.config["run"], r.error) for r in grid if r.error is not None]
-        finished = {r.config["run"] for r in grid if r.error is None and (r.metrics or {}).get("done")}
+        failed += [(r.config["run"], (r.metrics or {})["error"]) for r in grid if (r.metrics or {}).get("error")]
+        finished = {r.config["run"] for r in grid
+                    if r.error is None and (r.metrics or {}).get("done") and not (r.metrics or {}).get("error")}  # fmt: skip
     finally:
         ray.shutdown()
     paths = write_report(plan.runs, plan.out_dir, title=plan.name)
@@ -315,13 +322,14 @@ def train_trial(
     recipe's ``[run]`` ``settings``, with ``threads`` torch threads.
 
     Restores the trial's last Ray checkpoint into the run directory when it is ahead of the directory's
-    own checkpoint, then runs ``vgf-prob train`` segment by segment (`report_steps`) and reports after
-    each: ``step``, ``start_step`` (where this attempt started), ``restored_step`` (the Ray checkpoint's
-    step copied in, 0 if none) and the scores of the evaluation at ``step``, with a Ray checkpoint.
+    own checkpoint, then runs the run's spec segment by segment (`report_steps`) and reports after each:
+    ``step``, ``start_step`` (where this attempt started), ``restored_step`` (the Ray checkpoint's step
+    copied in, 0 if none) and the scores of the evaluation at ``step``, with a Ray checkpoint. An error that
+    `is_deterministic` is reported once as ``error`` (the trial then ends) instead of being raised.
     """
     from ray import tune
 
-    from vgf_prob import cli
+    from vgf_prob.rl.run.experiment import run_training
 
     run = Run.from_dict(runs[config["run"]])  # execute() checked that every trial is among them
     restored = 0
@@ -336,11 +344,25 @@ def train_trial(
     if not stops:  # the run was complete before this trial started
         _report(run, start, start, restored)
     for stop in stops:
-        argv = run.train_args(settings, steps=stop, threads=threads, progress=False)
-        status = cli.main(argv)
-        if status != 0:
-            raise RuntimeError(f"`vgf-prob {shlex.join(argv)}` exited with status {status} (its error is above)")
+        try:
+            run_training(run.spec(settings, steps=stop, threads=threads, progress=False))
+        except Exception as err:
+            if not is_deterministic(err):
+                raise
+            tune.report({"step": checkpoint_step(run.out), "start_step": start, "restored_step": restored,
+                         "error": f"{type(err).__name__}: {err}"})  # fmt: skip
+            return
         _report(run, stop, start, restored)
+
+
+def is_deterministic(err: BaseException) -> bool:
+    """Whether ``err`` would happen again on a retry: a setting, the data, a checkpoint that does not fit,
+    divergence; not a run directory held by another process (`RunDirBusy`)."""
+    from vgf_prob.rl.checkpoint import CheckpointError, RunDirBusy
+    from vgf_prob.rl.run.spec import TrainingSetupError
+    from vgf_prob.rl.run.trainer import TrainingDiverged
+
+    return isinstance(err, TrainingSetupError | CheckpointError | TrainingDiverged) and not isinstance(err, RunDirBusy)
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -391,7 +413,11 @@ def _progress_lines() -> Any:
     class TrialLines(tune.Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
-            scores = ", ".join(f"{k} {v:.1f}" for k, v in result.items() if k == "BC" or k.startswith("L_test="))
+            if result.get("error"):
+                print(f"[sweep] {trial} failed at step {result.get('step')}: {result['error']} (not retried: it "
+                      "would fail the same way)", flush=True)  # fmt: skip
+                return
+            scores = ", ".join(f"{k} {v:.1f}" for k, v in result.items() if k.startswith(("BC", "best-of-N", "VGF")))
             print(f"[sweep] finished {trial}: step {result.get('step')}, {scores or 'no evaluation'}, "
                   f"{result.get('time_total_s', 0.0):.0f} s", flush=True)  # fmt: skip
 
