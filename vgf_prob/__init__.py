@@ -6,12 +6,16 @@ from typing import TYPE_CHECKING
 # `import vgf_prob` and the `vgf-prob` command's --help/--version do not pay for torch (about 1.5 s).
 _EXPORTS = {
     "vgf_prob.budget": ("AllOf", "Budget", "DisplacementBudget", "SinkhornBudget", "StepBudget"),
+    "vgf_prob.distributions.flow_matching": ("FlowMatchingPolicy",),  # the BC reference a drop-in user trains
     "vgf_prob.distributions.particle": ("ParticlePolicy", "TransportReport"),
     "vgf_prob.flows": (
         "AmortizedGradient", "Euler", "KernelSmoothedGradient", "ODESolver", "ParticleAdam", "SteinField",
         "ValueGradient",
     ),
     "vgf_prob.transport": ("BoxProjection", "ValueGradientFlow"),
+    "vgf_prob.validation": (
+        "enable_validation", "host_reads", "host_reads_allowed", "is_validation_enabled", "validation_enabled",
+    ),
     "vgf_prob.values": (
         "CriticValue", "HeadAggregation", "NoActionGradientWarning", "as_value", "broadcast_observations", "eval_mode",
         "evaluate", "td_target",
@@ -21,6 +25,7 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 
 if TYPE_CHECKING:
     from vgf_prob.budget import AllOf, Budget, DisplacementBudget, SinkhornBudget, StepBudget
+    from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
     from vgf_prob.distributions.particle import ParticlePolicy, TransportReport
     from vgf_prob.flows import (
         AmortizedGradient,
@@ -32,6 +37,13 @@ if TYPE_CHECKING:
         ValueGradient,
     )
     from vgf_prob.transport import BoxProjection, ValueGradientFlow
+    from vgf_prob.validation import (
+        enable_validation,
+        host_reads,
+        host_reads_allowed,
+        is_validation_enabled,
+        validation_enabled,
+    )
     from vgf_prob.values import (
         CriticValue,
         HeadAggregation,
@@ -70,6 +82,7 @@ __all__ = [
     "CriticValue",
     "DisplacementBudget",
     "Euler",
+    "FlowMatchingPolicy",
     "HeadAggregation",
     "KernelSmoothedGradient",
     "NoActionGradientWarning",
@@ -84,7 +97,12 @@ __all__ = [
     "ValueGradientFlow",
     "as_value",
     "broadcast_observations",
+    "enable_validation",
     "eval_mode",
     "evaluate",
+    "host_reads",
+    "host_reads_allowed",
+    "is_validation_enabled",
     "td_target",
+    "validation_enabled",
 ]
