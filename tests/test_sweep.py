@@ -370,3 +370,26 @@ def _assert_same_tree(a, b, path="agent"):
             _assert_same_tree(x, y, f"{path}[{i}]")
     else:
         assert a == b, path
+
+
+@pytest.mark.slow
+def test_a_trial_failing_for_a_deterministic_reason_is_reported_once_not_retried(tmp_path, capsys):
+    """walker2d's data file is missing: its trial reports the error once and ends (no restart, though
+    max_failures allows 2); the other trial completes, and the sweep ends with one line naming the failure."""
+    pytest.importorskip("ray.tune")
+    from vgf_prob.rl.sweep import SweepError, sweep
+
+    write_tiny_d4rl(tmp_path / "data" / "hopper-medium-v2.hdf5", 11, 3, seed=0)
+    recipe = d4rl_recipe(tmp_path, steps=4, seeds="[0]")
+    with pytest.raises(SweepError) as info:
+        sweep(recipe, num_cpus=2, max_failures=2)
+    message = str(info.value)
+    assert message.startswith("1 of 2 trials failed (walker2d-medium-v2-seed0: TrainingSetupError: dataset file "
+                              "not found")  # fmt: skip
+    assert "\n" not in message
+    out = capsys.readouterr().out
+    assert out.count("[sweep] walker2d-medium-v2-seed0 failed at step 0: TrainingSetupError") == 1
+    assert "restarting" not in out and "giving up" not in out
+    with (tmp_path / "runs" / "tune" / "tiny" / "walker2d-medium-v2-seed0" / "result.json").open() as f:
+        assert len(f.readlines()) == 1  # one report: the trial ran once
+    assert json.loads((tmp_path / "runs" / "results.json").read_text())[0]["complete"]  # hopper finished

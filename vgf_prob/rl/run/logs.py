@@ -24,6 +24,7 @@ import importlib.util
 import io
 import math
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -228,11 +229,11 @@ class WandbSink:
         folder = out_dir / "wandb"
         folder.mkdir(exist_ok=True)
         id_file = folder / "run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-        id_file.write_text(run_id + "\n")
+        run_id = id_file.read_text().strip() if id_file.exists() else None  # None: a new run, wandb names it
         settings = wandb.Settings(console="off", x_disable_stats=True, silent=True)
-        self.run = wandb.init(mode="offline", dir=str(out_dir), id=run_id, name=out_dir.name, project="vgf-prob",
+        self.run = wandb.init(mode="offline", dir=str(folder), id=run_id, name=out_dir.name, project="vgf-prob",
                               config=dict(config), resume="allow", settings=settings)  # fmt: skip
+        id_file.write_text(self.run.id + "\n")
 
     def log_train(self, step: int, row: Mapping[str, Any]) -> None:
         self.run.log({f"train/{k}": v for k, v in _scalars(row).items()}, step=step)
@@ -266,7 +267,7 @@ class MLflowSink:
     def _log(self, step: int, values: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
-        stamp = int(__import__("time").time() * 1000)
+        stamp = int(time.time() * 1000)
         metrics = [Metric(key.replace("=", "_"), value, stamp, step) for key, value in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 

@@ -295,8 +295,9 @@ class _Loop:
     def _checkpoint(self, step: int) -> None:
         t0 = time.perf_counter()
         agent_state = self.agent.training_state()
-        if not self.spec.allow_nonfinite and _has_nonfinite(agent_state):
-            self._diverged(step, "tensor in the checkpoint (not written)")
+        bad = None if self.spec.allow_nonfinite else _first_nonfinite(agent_state["agent"], "")
+        if bad is not None:
+            self._diverged(step, f"{bad} in the checkpoint (not written)")
         payload = {
             "step": step, "config": self.config.to_dict(), "agent": agent_state,
             "rng": capture_rng_state(self.generators), "run": self.run_info, "spec": self.spec.to_dict(),
@@ -336,14 +337,12 @@ class _Loop:
             self.online.close()
 
 
-def _has_nonfinite(state: Any) -> bool:
+def _first_nonfinite(state: Any, path: str) -> str | None:
+    """The dotted name of the first floating tensor in ``state`` (nested dicts / lists) with a NaN or inf."""
     if isinstance(state, torch.Tensor):
-        return state.is_floating_point() and not bool(torch.isfinite(state).all())
-    if isinstance(state, dict):
-        return any(_has_nonfinite(v) for v in state.values())
-    if isinstance(state, list | tuple):
-        return any(_has_nonfinite(v) for v in state)
-    return False
+        return path if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list | tuple) else ()
+    return next((bad for k, v in items if (bad := _first_nonfinite(v, f"{path}.{k}".lstrip("."))) is not None), None)
 
 
 def _plot_learning_curve(out_dir: Path, title: str) -> Path | None:
