@@ -8,6 +8,7 @@ mean (``mean``) and by the min (``min``):
   ``bc_dist``: the mean over samples;
 - ``chosen_dist[L]``: ||act(s, L_test=L) - expert(s)|| (does the critic's argmax pick it?), and
   ``q_gain[L]``: Q_mean(s, act(s, L)) - Q_mean(s, act(s, 0)), the critic's predicted gain of L flow steps;
+- ``chosen_norm[L]`` / ``expert_norm``: mean ||action|| (the reward charges 0.1 ||a||^2 per step);
 - ``expert_beats_chosen``: share of states where Q_min(s, expert(s)) > Q_min(s, act(s, 0));
 - ``td_target_*``: at the next states of the same rows, the target critic's Q_min averaged over the N
   reference particles (what the TD target uses), its max over them, and at the expert's action;
@@ -52,6 +53,8 @@ def probes(agent: Any, raw: Any, train_set: Any, budgets: list[int], seed: int, 
     with torch.no_grad():
         q0 = _q(agent, agent.critic, obs, chosen[0][:, None], "mean")
         out["chosen_dist"] = {b: (a - expert).norm(dim=-1).mean().item() for b, a in chosen.items()}
+        out["chosen_norm"] = {b: a.norm(dim=-1).mean().item() for b, a in chosen.items()}
+        out["expert_norm"] = expert.norm(dim=-1).mean().item()
         out["q_gain"] = {b: (_q(agent, agent.critic, obs, a[:, None], "mean") - q0).mean().item()
                          for b, a in chosen.items()}  # fmt: skip
         q_expert_min = _q(agent, agent.critic, obs, expert[:, None], "min")
