@@ -141,10 +141,12 @@ class CountingValue:
 
     def __call__(self, obs: Tensor | None, actions: Tensor) -> Tensor:
         q = self.value(obs, actions)
+        meters = _ACTIVE.get()
+        if not meters:  # nothing counts: no bookkeeping, no hook
+            return q
         rows = actions.shape[:-1].numel()
         count(value_evaluations=rows)
         if isinstance(q, Tensor) and q.requires_grad:
-            meters = _ACTIVE.get()
             q.register_hook(lambda grad: _count_backward(meters, rows))
         return q
 

@@ -1,0 +1,271 @@
+"""The compute frontier: every test-time operator of one checkpoint, scored against what it costs per action.
+
+One trained agent acts with each `Setting` on the same seeded episodes (`vgf_prob.rl.evaluate.evaluate`):
+
+- ``best-of-N``: N draws of the reference, the one of highest Q (no flow), at each N;
+- ``VGF``: the agent's flow (Stein field, ParticleAdam) for L_test steps;
+- ``GradStep``: plain value-gradient ascent (`vgf_prob.flows.ValueGradient`) with the same solver and L_test;
+- ``SMC``: the agent's flow with the cloud resampled by exp(Q / alpha) before every step
+  (`vgf_prob.flows.resampling.BoltzmannResampling`).
+
+Each row holds the score with its episode interval and the cost per action counted while the episodes ran
+(`vgf_prob.cost`: critic-pass equivalents, network rows by kind, milliseconds). Rows of several runs (seeds)
+aggregate to rliable's interquartile mean with stratified bootstrap intervals (`aggregate_frontier`), and
+`plot_frontier` draws score against both cost axes.
+
+    rows = frontier_rows(agent, "reacher-mixed-v0", sweep_settings(agent.config.num_particles), run="seed0")
+    plot_frontier(aggregate_frontier(rows_of_all_seeds), "frontier.png")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vgf_prob.cost import measure
+from vgf_prob.flows import ValueGradient
+from vgf_prob.flows.resampling import BoltzmannResampling
+from vgf_prob.rl.aggregate import iqm_with_ci
+from vgf_prob.rl.evaluate import evaluate
+
+OPERATORS = ("best-of-N", "VGF", "GradStep", "SMC")
+COST_COLUMNS = ("passes_per_action", "ms_per_action", "reference_passes_per_action", "value_evaluations_per_action",
+                "value_gradient_evaluations_per_action", "particles_per_action")  # fmt: skip
+EPISODE_Z = 1.959963984540054  # the normal 97.5 % quantile: a 95 % interval of the episode mean
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One test-time operator at one size: ``operator`` (one of `OPERATORS`), N particles, L_test flow steps
+    (0 for best-of-N), and for SMC the temperature ``alpha`` of its weights (None: the agent's ``config.alpha``)."""
+
+    operator: str
+    num_particles: int
+    steps: int = 0
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.operator not in OPERATORS:
+            raise ValueError(f"unknown test-time operator {self.operator!r}; expected one of {OPERATORS}")
+        if isinstance(self.num_particles, bool) or not isinstance(self.num_particles, int) or self.num_particles < 1:
+            raise ValueError(f"num_particles must be a positive int, got {self.num_particles!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps (L_test) must be a whole number >= 0, got {self.steps!r}")
+        if (self.operator == "best-of-N") != (self.steps == 0):
+            raise ValueError(f"best-of-N takes no flow step and the flows take at least one; got {self}")
+
+    @property
+    def label(self) -> str:
+        if self.operator == "best-of-N":
+            return f"best-of-N N={self.num_particles}"
+        return f"{self.operator} N={self.num_particles} L_test={self.steps}"
+
+    def act_fn(self, agent: Any, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``obs [n, O] -> actions [n, A]``: the agent acting with this operator."""
+        field = ValueGradient() if self.operator == "GradStep" else None
+        resampling = None
+        if self.operator == "SMC":
+            resampling = BoltzmannResampling(agent.config.alpha if self.alpha is None else self.alpha)
+        return lambda obs: agent.act(obs, budget=self.steps, generator=generator, num_particles=self.num_particles,
+                                     field=field, resampling=resampling)  # fmt: skip
+
+
+def sweep_settings(
+    num_particles: int,
+    particle_counts: Iterable[int] = (1, 5, 10, 20, 40, 80),
+    budgets: Iterable[int] = (1, 2, 3, 5, 8),
+    operators: Iterable[str] = OPERATORS,
+) -> list[Setting]:
+    """best-of-N at each of ``particle_counts``, then each flow operator at N = ``num_particles`` and each
+    L_test of ``budgets`` (the agent's N, as it was trained)."""
+    operators = tuple(operators)
+    settings = [Setting("best-of-N", n) for n in particle_counts] if "best-of-N" in operators else []
+    for operator in (op for op in operators if op != "best-of-N"):
+        settings += [Setting(operator, num_particles, steps) for steps in budgets]
+    return settings
+
+
+def frontier_rows(
+    agent: Any,
+    env_name: str,
+    settings: Sequence[Setting],
+    *,
+    num_episodes: int = 10,
+    seed: int = 0,
+    num_envs: int = 1,
+    run: str = "",
+    max_episode_steps: int | None = None,
+    env_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Score every setting on the same ``num_episodes`` seeded episodes (episode k resets with ``seed + k``)
+    and count its cost; one row per setting, in order.
+
+    Each setting's noise comes from its own generator seeded by ``seed``. Acting runs ``num_envs`` episodes in
+    lockstep (1: one state per act call, the deployment case for ``ms_per_action``); ``max_episode_steps`` and
+    ``env_kwargs`` go to the environments. A row has the evaluation
+    schema's columns (policy, budget, budget_type, score, score_std, mean_return, return_std, episodes,
+    score_kind), the episode interval ``score_low``/``score_high`` (mean ± 1.96 standard errors), the
+    operator, N, ``run`` and `COST_COLUMNS` (per action: critic-pass equivalents, host milliseconds inside the
+    act calls, rows by kind).
+    """
+    rows = []
+    for setting in settings:
+        generator = torch.Generator(device=agent.device).manual_seed(seed)
+        with measure() as cost:
+            result = evaluate(setting.act_fn(agent, generator), env_name, num_episodes, seed, device=agent.device,
+                              num_envs=num_envs, max_episode_steps=max_episode_steps, env_kwargs=env_kwargs,
+                              progress=progress, label=setting.label)  # fmt: skip
+        per_action = cost.per_state()
+        half = EPISODE_Z * result.score_std / math.sqrt(result.num_episodes - 1) if result.num_episodes > 1 else None
+        rows.append({
+            "policy": setting.operator, "budget": setting.steps, "budget_type": "steps", "score": result.score,
+            "score_std": result.score_std, "mean_return": result.mean_return, "return_std": result.std_return,
+            "episodes": result.num_episodes, "score_kind": result.score_kind, "env_name": env_name,
+            "label": setting.label, "operator": setting.operator, "num_particles": setting.num_particles,
+            "run": run, "num_envs": num_envs,
+            "score_low": None if half is None else result.score - half,
+            "score_high": None if half is None else result.score + half,
+            **{f"{name}_per_action": per_action[name] for name in
+               ("passes", "ms", "reference_passes", "value_evaluations", "value_gradient_evaluations", "particles")},
+        })  # fmt: skip
+    return rows
+
+
+def aggregate_frontier(rows: Sequence[Mapping[str, Any]], reps: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """One row per setting label over runs (and tasks): rliable's IQM of the scores [runs, tasks] with its
+    stratified bootstrap interval (`vgf_prob.rl.aggregate.iqm_with_ci`) as ``score``/``score_low``/
+    ``score_high``, the cost columns averaged, and ``runs`` counted. Every run must have every task."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["label"], []).append(row)
+    table = []
+    for label, group in groups.items():
+        runs = sorted({row["run"] for row in group})
+        tasks = sorted({row["env_name"] for row in group})
+        cells = {(row["run"], row["env_name"]): row["score"] for row in group}
+        missing = [(r, t) for r in runs for t in tasks if (r, t) not in cells]
+        if missing or len(cells) != len(group):
+            raise ValueError(f"{label}: every run needs exactly one row per task; missing or repeated {missing or 'rows'}")
+        iqm, low, high = iqm_with_ci([[cells[r, t] for t in tasks] for r in runs], reps=reps, seed=seed)
+        first = group[0]
+        table.append({
+            "label": label, "operator": first["operator"], "num_particles": first["num_particles"],
+            "budget": first["budget"], "runs": len(runs), "tasks": len(tasks), "score": iqm, "score_low": low,
+            "score_high": high, **{c: sum(row[c] for row in group) / len(group) for c in COST_COLUMNS},
+        })  # fmt: skip
+    return table
+
+
+def plot_frontier(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "test-time compute frontier") -> Path:
+    """Score (with its interval) against critic-pass equivalents per action and against ms per action, both on a
+    log x axis, one line per operator (best-of-N along N, the flows along L_test); written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for axis, column, name in ((axes[0], "passes_per_action", "critic-pass equivalents per action"),
+                               (axes[1], "ms_per_action", "ms per action")):  # fmt: skip
+        for operator in OPERATORS:
+            line = sorted((row for row in rows if row["operator"] == operator), key=lambda row: row[column])
+            if not line:
+                continue
+            x = [row[column] for row in line]
+            y = [row["score"] for row in line]
+            axis.plot(x, y, marker="o", label=operator)
+            if all(row.get("score_low") is not None for row in line):
+                axis.fill_between(x, [row["score_low"] for row in line], [row["score_high"] for row in line], alpha=0.15)
+        axis.set_xscale("log")
+        axis.set_xlabel(name)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("score")
+    axes[0].legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def frontier_from_runs(
+    run_dirs: Sequence[str | Path],
+    settings: Sequence[Setting] | None = None,
+    *,
+    num_episodes: int = 50,
+    seed: int = 0,
+    num_envs: int = 1,
+    out: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`frontier_rows` for the agent of each run directory (or checkpoint file; one run = one seed, labelled by
+    its folder), on the same episodes, then `aggregate_frontier` over them. ``settings`` default to
+    `sweep_settings` at the first agent's N. With ``out``, writes ``frontier.json`` (rows and aggregate) and
+    ``frontier.png`` there. Returns ``(rows, aggregate)``."""
+    import json
+
+    rows = []
+    for run_dir in run_dirs:
+        agent, payload, path = load_run(run_dir)
+        run = payload.get("run", {})
+        settings = sweep_settings(agent.config.num_particles) if settings is None else settings
+        timing = run.get("dataset_metadata", {}).get("success_timing")  # OGBench: as the data was labelled
+        rows += frontier_rows(agent, run["env_name"], settings, num_episodes=num_episodes, seed=seed,
+                              num_envs=num_envs, run=path.parent.name if path.name == "latest.pt" else path.stem,
+                              env_kwargs=None if timing is None else {"success_timing": timing}, progress=progress)  # fmt: skip
+    table = aggregate_frontier(rows)
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "frontier.json").write_text(json.dumps({"rows": rows, "aggregate": table}, indent=2))
+        plot_frontier(table, folder / "frontier.png", f"test-time compute frontier, {len(run_dirs)} run(s), "
+                                                      f"{num_episodes} episodes")  # fmt: skip
+    return rows, table
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m vgf_prob.rl.frontier RUN [RUN ...] --episodes 50 --out DIR``: the frontier of trained runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("runs", nargs="+", help="run directories (their latest.pt) or checkpoint files, one per seed")
+    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--particles", default="1,5,10,20,40,80", help="best-of-N sizes")
+    parser.add_argument("--budgets", default="1,2,3,5,8", help="L_test of VGF, GradStep and SMC")
+    parser.add_argument("--operators", default=",".join(OPERATORS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="frontier")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    first = load_run(args.runs[0])[0]
+    settings = sweep_settings(first.config.num_particles, [int(n) for n in args.particles.split(",")],
+                              [int(b) for b in args.budgets.split(",")], args.operators.split(","))  # fmt: skip
+    _, table = frontier_from_runs(args.runs, settings, num_episodes=args.episodes, seed=args.seed, out=args.out)
+    for row in table:
+        print(f"{row['label']:<24} score {row['score']:7.2f} [{row['score_low']:7.2f}, {row['score_high']:7.2f}]  "
+              f"passes/action {row['passes_per_action']:7.1f}  ms/action {row['ms_per_action']:6.2f}")
+
+
+def load_run(run_dir: str | Path) -> tuple[Any, dict[str, Any], Path]:
+    """``(agent, checkpoint payload, checkpoint path)`` of a run directory (its latest.pt) or checkpoint file."""
+    from vgf_prob.rl.checkpoint import load_checkpoint, resolve_checkpoint
+    from vgf_prob.rl.run.experiment import restore_agent
+
+    path = resolve_checkpoint(run_dir)
+    payload = load_checkpoint(path)
+    return restore_agent(payload), payload, path
+
+
+__all__ = ["COST_COLUMNS", "OPERATORS", "Setting", "aggregate_frontier", "frontier_from_runs", "frontier_rows",
+           "load_run", "plot_frontier", "sweep_settings"]
+
+if __name__ == "__main__":
+    main()
