@@ -20,6 +20,7 @@ from vgf_prob.rl.frontier import (
     aggregate_frontier,
     frontier_from_runs,
     frontier_rows,
+    matched_particles,
     plot_frontier,
     sweep_settings,
 )
@@ -55,6 +56,13 @@ def test_aggregates_refuse_what_they_cannot_summarise():
     assert last_k_mean([0.0, 0.0, 5.0], k=1) == 5.0
     with pytest.raises(ValueError, match="at least k=3"):
         last_k_mean([1.0, 2.0])
+
+
+def test_compute_matched_best_of_n_costs_what_the_flow_costs():
+    # N 10, K 10: a flow of L steps costs 10 (11 + 2L) passes, best-of-N costs 11 N
+    assert [matched_particles(10, steps, 10) for steps in (1, 2, 3, 5, 8)] == [12, 14, 15, 19, 25]
+    sizes = [s.num_particles for s in sweep_settings(10, (5, 40), (1, 5), ("best-of-N",), flow_steps=10)]
+    assert sizes == [5, 12, 19, 40]
 
 
 def test_settings_name_their_operator_and_refuse_nonsense():

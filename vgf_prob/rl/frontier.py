@@ -75,16 +75,27 @@ class Setting:
                                      field=field, resampling=resampling)  # fmt: skip
 
 
+def matched_particles(num_particles: int, steps: int, flow_steps: int) -> int:
+    """best-of-N's N at the critic-pass equivalents of a flow of N particles and L steps with a K-step BC sampler:
+    N (K + 1 + 2L) / (K + 1), rounded half up (a best-of-N particle costs K + 1, a flow step 2 per particle)."""
+    return math.floor(num_particles * (flow_steps + 1 + 2 * steps) / (flow_steps + 1) + 0.5)
+
+
 def sweep_settings(
     num_particles: int,
     particle_counts: Iterable[int] = (1, 5, 10, 20, 40, 80),
     budgets: Iterable[int] = (1, 2, 3, 5, 8),
     operators: Iterable[str] = OPERATORS,
+    flow_steps: int | None = None,
 ) -> list[Setting]:
-    """best-of-N at each of ``particle_counts``, then each flow operator at N = ``num_particles`` and each
-    L_test of ``budgets`` (the agent's N, as it was trained)."""
-    operators = tuple(operators)
-    settings = [Setting("best-of-N", n) for n in particle_counts] if "best-of-N" in operators else []
+    """best-of-N at each of ``particle_counts`` (and, given the BC sampler's ``flow_steps`` K, at the N that
+    costs what each flow of ``budgets`` costs: `matched_particles`), then each flow operator at
+    N = ``num_particles`` and each L_test of ``budgets`` (the agent's N, as it was trained)."""
+    operators, budgets = tuple(operators), tuple(budgets)
+    sizes = set(particle_counts)
+    if flow_steps is not None:
+        sizes |= {matched_particles(num_particles, steps, flow_steps) for steps in budgets}
+    settings = [Setting("best-of-N", n) for n in sorted(sizes)] if "best-of-N" in operators else []
     for operator in (op for op in operators if op != "best-of-N"):
         settings += [Setting(operator, num_particles, steps) for steps in budgets]
     return settings
@@ -207,15 +218,16 @@ def frontier_from_runs(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """`frontier_rows` for the agent of each run directory (or checkpoint file; one run = one seed, labelled by
     its folder), on the same episodes, then `aggregate_frontier` over them. ``settings`` default to
-    `sweep_settings` at the first agent's N. With ``out``, writes ``frontier.json`` (rows and aggregate) and
-    ``frontier.png`` there. Returns ``(rows, aggregate)``."""
+    `sweep_settings` at the first agent's N and K (compute-matched best-of-N included). With ``out``, writes
+    ``frontier.json`` (rows and aggregate) and ``frontier.png`` there. Returns ``(rows, aggregate)``."""
     import json
 
     rows = []
     for run_dir in run_dirs:
         agent, payload, path = load_run(run_dir)
         run = payload.get("run", {})
-        settings = sweep_settings(agent.config.num_particles) if settings is None else settings
+        if settings is None:
+            settings = sweep_settings(agent.config.num_particles, flow_steps=agent.config.flow_steps)
         timing = run.get("dataset_metadata", {}).get("success_timing")  # OGBench: as the data was labelled
         rows += frontier_rows(agent, run["env_name"], settings, num_episodes=num_episodes, seed=seed,
                               num_envs=num_envs, run=path.parent.name if path.name == "latest.pt" else path.stem,
@@ -238,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="run directories (their latest.pt) or checkpoint files, one per seed")
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--particles", default="1,5,10,20,40,80", help="best-of-N sizes")
+    parser.add_argument("--particles", default="1,5,10,20,40,80",
+                        help="best-of-N sizes (the compute-matched sizes of the flows are added)")
     parser.add_argument("--budgets", default="1,2,3,5,8", help="L_test of VGF, GradStep and SMC")
     parser.add_argument("--operators", default=",".join(OPERATORS))
     parser.add_argument("--threads", type=int, default=1)
@@ -247,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     first = load_run(args.runs[0])[0]
     settings = sweep_settings(first.config.num_particles, [int(n) for n in args.particles.split(",")],
-                              [int(b) for b in args.budgets.split(",")], args.operators.split(","))  # fmt: skip
+                              [int(b) for b in args.budgets.split(",")], args.operators.split(","),
+                              first.config.flow_steps)  # fmt: skip
     _, table = frontier_from_runs(args.runs, settings, num_episodes=args.episodes, seed=args.seed, out=args.out)
     for row in table:
         print(f"{row['label']:<24} score {row['score']:7.2f} [{row['score_low']:7.2f}, {row['score_high']:7.2f}]  "
@@ -265,7 +279,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, dict[str, Any], Path]:
 
 
 __all__ = ["COST_COLUMNS", "OPERATORS", "Setting", "aggregate_frontier", "frontier_from_runs", "frontier_rows",
-           "load_run", "plot_frontier", "sweep_settings"]
+           "load_run", "matched_particles", "plot_frontier", "sweep_settings"]
 
 if __name__ == "__main__":
     main()
