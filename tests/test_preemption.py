@@ -161,3 +161,19 @@ def _tensors(state):
     elif isinstance(state, list | tuple):
         for value in state:
             yield from _tensors(value)
+
+
+def test_non_finite_values_at_an_evaluation_are_one_line(data, tmp_path, capsys, monkeypatch):
+    """The operator refuses a non-finite velocity with FloatingPointError; the run ends with one line, exit 2."""
+    from vgf_prob.rl.run import trainer
+
+    def diverged(*args, **kwargs):
+        raise FloatingPointError("the velocity field returned 40 non-finite values")
+
+    monkeypatch.setattr(trainer, "compare_policies", diverged)
+    assert cli.main(["train", "--dataset", str(data), "--env", "hopper-medium-v2", "--out", str(tmp_path / "run"),
+                     "--steps", "2", "--log-every", "1", "--no-progress", *TINY_CLI]) == 2  # fmt: skip
+    line = capsys.readouterr().err.strip()
+    assert line == ("vgf-prob: error: training diverged at step 2: non-finite values at evaluation (the velocity field "
+                    f"returned 40 non-finite values); last good checkpoint: {tmp_path / 'run' / 'latest.pt'} (step 1) "
+                    "(lower lr, or --allow-nonfinite to keep going)")  # fmt: skip

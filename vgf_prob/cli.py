@@ -104,45 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
                         help="print the vgf-prob version and exit")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sweep,data,llm}")
-
-    tr = sub.add_parser("train", help="train a VGF agent offline (no arguments: the quick start)",
-                        description="Train a VGF agent. Without --dataset: the quick-start job (3000 steps of "
-                                    "generated Reacher data, 1 thread, 50 episodes per evaluation).")  # fmt: skip
-    tr.add_argument("--dataset", help="OGBench dataset name, a .npz/.hdf5 file (OGBench / D4RL), a Minari id, or a "
-                                      "generated dataset (reacher-mixed-v0, ...)")  # fmt: skip
-    tr.add_argument("--env", help="environment to evaluate in (default: inferred from the dataset)")
-    tr.add_argument("--task-id", type=_POSITIVE,
-                    help="OGBench single task to relabel the data for (default: the env's)")  # fmt: skip
-    tr.add_argument("--preset", help="task preset of the authors' settings (default: inferred from the dataset)")
-    tr.add_argument("--preset-source", choices=("offline", "offline-to-online"),
-                    help="which of the authors' scripts the preset follows (default offline)")  # fmt: skip
-    tr.add_argument("--print-config", action="store_true",
-                    help="print the resolved VGFConfig (preset, then --config) as JSON and exit; loads no data")  # fmt: skip
-    tr.add_argument("--config", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="VGFConfig overrides, typed by the field (e.g. lr=1e-4 critic_hidden_dims=256,256 "
-                         "test_budget=null)")  # fmt: skip
-    tr.add_argument("--steps", type=_POSITIVE, help="gradient steps (default 1000000)")
-    tr.add_argument("--out", help="run directory, new or a vgf-prob run's (default runs/<dataset>-seed<seed>-<time>)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue the run in --out (default: the newest) with the checkpoint's settings; of the "
-                         f"other options only {', '.join(map(flag, RESUME_MAY_CHANGE[2:]))} may differ from the run's")  # fmt: skip
-    tr.add_argument("--device", help="torch device to train on: cpu, cuda, cuda:1, ... (default cpu)")
-    tr.add_argument("--seed", type=_NONNEGATIVE, help="seed of every random stream (default 0)")
-    tr.add_argument("--eval-every", type=_POSITIVE, help="steps between evaluations (default: only at the end)")
-    tr.add_argument("--eval-episodes", type=_POSITIVE, help="episodes per policy and evaluation (default 10)")
-    tr.add_argument("--budgets", type=_NONNEGATIVE, nargs="+",
-                    help="L_test values to evaluate (0 = best-of-N; default 0 1 2 3)")  # fmt: skip
-    tr.add_argument("--log-every", type=_POSITIVE,
-                    help="steps between log rows and divergence checks (default steps/100)")  # fmt: skip
-    tr.add_argument("--checkpoint-every", type=_POSITIVE, help="steps between checkpoints (default steps/10)")
-    tr.add_argument("--log", type=_sinks,
-                    help="log sinks, comma-separated: csv (always) and tensorboard, wandb (offline), mlflow "
-                         "(local SQLite store) (default csv)")  # fmt: skip
-    tr.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
-    tr.add_argument("--threads", type=_POSITIVE, help="torch CPU threads (default: torch's choice)")
-    tr.add_argument("--allow-nonfinite", action="store_true", default=None,
-                    help="keep training through NaN/inf losses, gradients and parameters (default: stop with one "
-                         "line at the log step that sees them, keeping the last finite checkpoint)")  # fmt: skip
+    _add_train_arguments(sub)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint; --budgets sweeps the test-time budget",
                         description="Evaluate a checkpoint: BC, best-of-N and VGF, or a sweep over --budgets.")  # fmt: skip
@@ -184,6 +146,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("llm", help="LLM demo (vgf-prob llm --help)", add_help=False)
     return parser
+
+
+def _add_train_arguments(sub: argparse._SubParsersAction) -> None:
+    """The ``vgf-prob train`` options: each one's dest is a `TrainSpec` field of the same name (see `train_spec`)."""
+    tr = sub.add_parser("train", help="train a VGF agent offline (no arguments: the quick start)",
+                        description="Train a VGF agent. Without --dataset: the quick-start job (3000 steps of "
+                                    "generated Reacher data, 1 thread, 50 episodes per evaluation).")  # fmt: skip
+    tr.add_argument("--dataset", help="OGBench dataset name, a .npz/.hdf5 file (OGBench / D4RL), a Minari id, or a "
+                                      "generated dataset (reacher-mixed-v0, ...)")  # fmt: skip
+    tr.add_argument("--env", help="environment to evaluate in (default: inferred from the dataset)")
+    tr.add_argument("--task-id", type=_POSITIVE,
+                    help="OGBench single task to relabel the data for (default: the env's)")  # fmt: skip
+    tr.add_argument("--preset", help="task preset of the authors' settings (default: inferred from the dataset)")
+    tr.add_argument("--preset-source", choices=("offline", "offline-to-online"),
+                    help="which of the authors' scripts the preset follows (default offline)")  # fmt: skip
+    tr.add_argument("--print-config", action="store_true",
+                    help="print the resolved VGFConfig (preset, then --config) as JSON and exit; loads no data")  # fmt: skip
+    tr.add_argument("--config", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="VGFConfig overrides, typed by the field (e.g. lr=1e-4 critic_hidden_dims=256,256 "
+                         "test_budget=null)")  # fmt: skip
+    tr.add_argument("--steps", type=_POSITIVE, help="gradient steps (default 1000000)")
+    tr.add_argument("--out", help="run directory, new or a vgf-prob run's (default runs/<dataset>-seed<seed>-<time>)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out (default: the newest) with the checkpoint's settings; of the "
+                         f"other options only {', '.join(map(flag, RESUME_MAY_CHANGE[2:]))} may differ from the run's")  # fmt: skip
+    tr.add_argument("--device", help="torch device to train on: cpu, cuda, cuda:1, ... (default cpu)")
+    tr.add_argument("--seed", type=_NONNEGATIVE, help="seed of every random stream (default 0)")
+    tr.add_argument("--eval-every", type=_POSITIVE, help="steps between evaluations (default: only at the end)")
+    tr.add_argument("--eval-episodes", type=_POSITIVE, help="episodes per policy and evaluation (default 10)")
+    tr.add_argument("--budgets", type=_NONNEGATIVE, nargs="+",
+                    help="L_test values to evaluate (0 = best-of-N; default 0 1 2 3)")  # fmt: skip
+    tr.add_argument("--log-every", type=_POSITIVE,
+                    help="steps between log rows and divergence checks (default steps/100)")  # fmt: skip
+    tr.add_argument("--checkpoint-every", type=_POSITIVE, help="steps between checkpoints (default steps/10)")
+    tr.add_argument("--log", type=_sinks,
+                    help="log sinks, comma-separated: csv (always) and tensorboard, wandb (offline), mlflow "
+                         "(local SQLite store) (default csv)")  # fmt: skip
+    tr.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    tr.add_argument("--threads", type=_POSITIVE, help="torch CPU threads (default: torch's choice)")
+    tr.add_argument("--allow-nonfinite", action="store_true", default=None,
+                    help="keep training through NaN/inf losses, gradients and parameters (default: stop with one "
+                         "line at the log step that sees them, keeping the last finite checkpoint)")  # fmt: skip
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
