@@ -149,7 +149,8 @@ class VGFLoss(LossModule):
               rule: str = "argmax") -> VGFActor:
         """A `VGFActor` acting by this loss's flow, reference and trained critic (``budget=0``: best-of-N)."""
         return VGFActor(self.reference, self.flow, self.value(), in_keys=[self.obs_key],
-                        out_keys=[self.tensor_keys.action], num_particles=num_particles or self.num_particles,
+                        out_keys=[self.tensor_keys.action],
+                        num_particles=self.num_particles if num_particles is None else num_particles,
                         budget=budget, rule=rule)
 
     def qvalue_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict[str, Tensor]]:
