@@ -447,3 +447,19 @@ def test_eval_with_an_unknown_environment_is_one_line(tmp_path, capsys):
 def test_config_values_are_typed_by_the_field(item, message, tmp_path, capsys):
     assert cli.main(["train", "--dataset", str(write_hdf5(tmp_path / "d.hdf5")), "--config", item]) == 2
     assert message in error_line(capsys)
+
+
+def test_resume_refuses_a_log_whose_checkpoint_position_is_not_a_row_end(tmp_path):
+    """The checkpoint stores train.csv's byte length; a log changed before that point (here one digit more in
+    its first row) no longer ends a row there. Resume must refuse, naming the file, and leave it as it is,
+    rather than cut a row in two."""
+    config, out = VGFConfig(**TINY), tmp_path / "run"
+    train(config, tiny_dataset(), spec(out, 4, log_every=1, checkpoint_every=4))
+    log = out / "train.csv"
+    data = log.read_bytes()
+    comma = data.index(b",", data.index(b"\n"))  # row 1's second value gains a leading zero: later bytes move
+    log.write_bytes(data[: comma + 1] + b"0" + data[comma + 1 :])
+    before = log.read_bytes()
+    with pytest.raises(CheckpointError, match=r"train\.csv does not match the checkpoint: byte \d+ is not a row end"):
+        train(config, tiny_dataset(), spec(out, 6, resume=True, log_every=1, checkpoint_every=4))
+    assert log.read_bytes() == before

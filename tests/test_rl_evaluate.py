@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -212,3 +213,33 @@ def test_progress_bars_name_the_policy_and_count_episodes_without_a_rate(capsys)
     assert "/s" not in err and "it/s" not in err  # no rate: lockstep episodes finish in bursts
     evaluate(deterministic_act_fn, HOPPER, num_episodes=1, max_episode_steps=5, progress=True, label="BC reference")
     assert "BC reference" in capsys.readouterr().err
+
+
+class ScriptedEnv(gym.Env):
+    """Two-step episodes: ``info['success']`` is True after the first step and False after the last one, and
+    every action the policy sends is recorded (the box is [-1, 1]^2)."""
+
+    def __init__(self) -> None:
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.received: list[np.ndarray] = []
+        self.t = 0
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(3), {}
+
+    def step(self, action):
+        self.received.append(np.asarray(action))
+        self.t += 1
+        return np.zeros(3), 1.0, self.t == 2, False, {"success": self.t == 1}
+
+
+def test_success_is_the_final_steps_flag_and_actions_reach_the_env_inside_the_box():
+    """OGBench's rule: an episode succeeds when ``info['success']`` holds at its last step (a goal touched and
+    left is not a success). Actions outside the box are clipped before ``env.step``, never passed on."""
+    env = ScriptedEnv()
+    result = evaluate(lambda obs: torch.tensor([[5.0, -0.25]]).expand(obs.shape[0], 2), CUBE, num_episodes=3,
+                      envs=[env])  # fmt: skip
+    assert result.score_kind == "success_rate" and result.success_rate == 0.0  # successful mid-way, not at the end
+    np.testing.assert_array_equal(np.stack(env.received), np.tile([1.0, -0.25], (6, 1)))
