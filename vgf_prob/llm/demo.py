@@ -58,7 +58,18 @@ TEST_PROMPTS = (
     "Describe a bus stop in one sentence.",
 )
 
-__all__ = ["TEST_PROMPTS", "TRAIN_PROMPTS", "DemoConfig", "DemoResult", "add_arguments", "main", "run"]
+__all__ = [
+    "TEST_PROMPTS",
+    "TRAIN_PROMPTS",
+    "DemoConfig",
+    "DemoResult",
+    "add_arguments",
+    "main",
+    "minilm_reward_model",
+    "quiet_transformers",
+    "run",
+    "word_tokens",
+]
 
 
 def _default_cache() -> Path:
@@ -107,9 +118,9 @@ def run(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -
         return torch.tensor([[polarity_scores(t)["compound"] for t in group] for group in texts])
 
     log("loading SmolLM2-135M-Instruct (GGUF) and MiniLM ...")
-    with _quiet_transformers():
+    with quiet_transformers():
         base = load_smollm2()
-        reward_model = _minilm_reward_model(config.encoder_layers)
+        reward_model = minilm_reward_model(config.encoder_layers)
     train = _samples(base, config.train_prompts, config.train_samples, config, config.seed, log)
     test = _samples(base, config.test_prompts, config.num_samples, config, config.seed + 1, log)
 
@@ -125,7 +136,7 @@ def run(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -
         "plain sample": lambda: PlainSampling(reward_model, base)(config.test_prompts, test),
         f"best-of-{config.num_samples}": lambda: BestOfN(reward_model, base)(config.test_prompts, test),
     }
-    decoder = NearestTokenDecoder(reward_model.embedding_matrix, _word_tokens(reward_model.tokenizer))
+    decoder = NearestTokenDecoder(reward_model.embedding_matrix, word_tokens(reward_model.tokenizer))
     field_, solver = SteinField(alpha=config.alpha), Euler(step_size=config.step_size)
     for radius in config.budgets:
         flow = ValueGradientFlow(field_, solver, budget=DisplacementBudget(radius) & StepBudget(config.max_steps))
@@ -147,7 +158,7 @@ def run(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No progress bars or load reports while loading (truncating MiniLM leaves its upper layers unused)."""
     from transformers.utils import logging as hf_logging
 
@@ -162,7 +173,7 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _minilm_reward_model(layers: int) -> RewardModel:
+def minilm_reward_model(layers: int) -> RewardModel:
     from transformers import AutoTokenizer, BertModel
 
     try:
@@ -179,7 +190,7 @@ def _minilm_reward_model(layers: int) -> RewardModel:
     return RewardModel(MeanPoolRewardModel(encoder, encoder.config.hidden_size), tokenizer, template="{response}")
 
 
-def _word_tokens(tokenizer) -> torch.Tensor:
+def word_tokens(tokenizer) -> torch.Tensor:
     """Decode only to whole lowercase words and basic punctuation (no word pieces, [unused], foreign scripts)."""
     allowed = torch.zeros(len(tokenizer), dtype=torch.bool)
     for token, index in tokenizer.get_vocab().items():
