@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check, under 5 minutes on one GPU: the CUDA tests, the LLM recipe's tiny mode on CUDA, then
-# benchmarks/gpu_check.py (the update at the paper configuration in fp32 / TF32 / bf16, eager / CUDA graph / torch.compile, acting latency, peak
-# memory), which writes benchmarks/results/gpu-<device>.{json,md} and the table into RESULTS.md.
+# benchmarks/gpu_check.py (the update at the paper configuration in fp32 / TF32 / bf16, eager / CUDA graph /
+# torch.compile, acting latency, peak memory), which writes benchmarks/results/gpu-<device>.{json,md} and the table into RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh            # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --dry-run  # on CPU: the script itself, a tiny configuration, nothing written
