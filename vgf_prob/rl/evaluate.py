@@ -427,8 +427,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], title: str | None = None, pr
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*(_cell(row.get(column)) for column in columns))
-    if print_table:
-        Console().print(table)
+    if print_table:  # never narrower than the plain-text copy: a wide table overflows rather than squeezes
+        Console(width=max(Console().width, 14 * len(columns))).print(table)
     buffer = StringIO()
     Console(file=buffer, width=max(80, 14 * len(columns)), no_color=True, color_system=None).print(table)
     return buffer.getvalue()

@@ -1,7 +1,8 @@
 """Recipes: a TOML file naming a suite of training runs, its expansion into runs, and the report on them.
 
-Both runners use this module: ``recipes/reproduce.py`` (one ``vgf-prob train`` after another) and
-``vgf-prob sweep`` (`vgf_prob.rl.sweep`, the same runs as Ray Tune trials). A recipe has
+Both runners use this module: ``recipes/reproduce.py`` (one run after another) and ``vgf-prob sweep``
+(`vgf_prob.rl.sweep`, the same runs as Ray Tune trials); each run is `Run.spec`, a
+`vgf_prob.rl.run.spec.TrainSpec` given to `vgf_prob.rl.run.experiment.run_training`. A recipe has
 
 - ``[run]``: ``seeds``, ``eval_every``, ``eval_episodes``, ``budgets`` (the L_test values evaluated),
   ``checkpoint_every``, ``dataset_dir``, ``out_dir``, optional ``steps`` (default 1M), ``device``
