@@ -145,7 +145,12 @@ def _run(config: VGFConfig, dataset: OfflineDataset, spec: TrainSpec, online: On
     if spec.env is not None:
         check_env(spec.env, dataset.obs_dim, dataset.action_dim, env_kwargs)
     with RunLock(out), StopSignals() as stop:
-        loop = _Loop(config, dataset, replace(spec, device=str(device)), out, env_kwargs, online, stop)
+        try:
+            loop = _Loop(config, dataset, replace(spec, device=str(device)), out, env_kwargs, online, stop)
+        except BaseException:
+            if online is not None:
+                online.close()
+            raise
         try:
             return loop.run()
         finally:
@@ -180,9 +185,9 @@ class _Loop:
         self.window, self.csv = MetricWindow(), CSVSink(out)
         self.checkpoint_path, self._saved_step, self.last_scores = None, 0, []
         self.start = self._restore()
-        self.sinks = [self.csv, *make_sinks(spec.log, out, self.start, config.to_dict())]
         if online is not None:
             online.start(env_kwargs, spec.seed)
+        self.sinks = [self.csv, *make_sinks(spec.log, out, self.start, config.to_dict())]  # last: `close` ends them
 
     def _restore(self) -> int:
         """Resume from the checkpoint (returns its step), or load fine-tuning's initial agent (returns 0)."""
