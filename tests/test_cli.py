@@ -253,3 +253,22 @@ def test_config_values_follow_their_annotations():
     assert values == {"critic_hidden_dims": (32, 32), "bc_hidden_dims": (64,), "lr": 1.0, "variant": "amortized",
                       "test_budget": None, "compile": False, "max_grad_norm": 0.0}  # fmt: skip
     assert type(values["lr"]) is float and type(values["max_grad_norm"]) is float  # 0 is 0, not "use the default"
+
+
+def test_every_spec_field_is_a_train_option_and_a_spec_round_trips_through_its_command_line(tmp_path):
+    """Adding a run setting is a `TrainSpec` field plus its option: the CLI maps options to fields by name, so a
+    spec with every field set survives `to_argv` -> the parser -> `train_spec` unchanged."""
+    from vgf_prob.rl.run.spec import TrainSpec
+
+    data = tmp_path / "data.hdf5"
+    data.write_bytes(b"")  # a file: the CLI stores its absolute path
+    spec = TrainSpec(dataset=str(data), env="hopper-medium-v2", task_id=2, preset="hopper",
+                     preset_source="offline-to-online", overrides={"alpha": 0.5, "critic_hidden_dims": (32, 32)},
+                     steps=10, out=str(tmp_path / "run"), resume=True, device="cpu", seed=3, eval_every=5,
+                     eval_episodes=2, budgets=(0, 4), log_every=2, checkpoint_every=5, threads=1, progress=False,
+                     log=("csv", "tensorboard"), allow_nonfinite=True)  # fmt: skip
+    unset = [name for name in dataclasses.asdict(TrainSpec()) if name not in spec.given()]
+    assert unset == []  # the spec above sets every field
+    args = cli.build_parser().parse_args(spec.to_argv())
+    assert cli.train_spec(args) == spec
+    assert TrainSpec.from_dict(spec.to_dict()) == spec
