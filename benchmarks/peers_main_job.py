@@ -4,7 +4,7 @@
     python benchmarks/peers_main_job.py --dataset reacher-mixed-v0 --seeds 0 --no-peers --probes --config alpha=0.004
 
 Per seed: VGF (the quick start's agent, `QUICKSTART_AGENT`, plus ``--config`` overrides) trained by
-`vgf_prob.rl.trainer.train`; then on the episodes seeded ``seed + k`` (as `vgf-prob train --seed S` evaluates):
+`vgf_prob.rl.run.trainer.train`; then on the episodes seeded ``seed + k`` (as `vgf-prob train --seed S` evaluates):
 the BC reference, best-of-N (N = the agent's), best-of-M at matched compute for each L_test, VGF at each
 L_test, and the d3rlpy peers (`vgf_prob.rl.peers`, the same transitions). Matched compute is counted from the
 config (the operator's exact counters had not landed when this was written): per state, a BC Euler step of
