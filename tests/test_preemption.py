@@ -177,3 +177,52 @@ def test_non_finite_values_at_an_evaluation_are_one_line(data, tmp_path, capsys,
     assert line == ("vgf-prob: error: training diverged at step 2: non-finite values at evaluation (the velocity field "
                     f"returned 40 non-finite values); last good checkpoint: {tmp_path / 'run' / 'latest.pt'} (step 1) "
                     "(lower lr, or --allow-nonfinite to keep going)")  # fmt: skip
+
+
+def write_recipe(path: Path, data_dir: Path, steps: int) -> Path:
+    path.write_text(f"""
+[run]
+steps = {steps}
+seeds = [0]
+eval_every = {steps}
+eval_episodes = 1
+budgets = [0]
+checkpoint_every = {steps}
+log_every = 1
+dataset_dir = "{data_dir}"
+out_dir = "{path.parent / 'runs'}"
+
+[config]
+batch_size = 8
+critic_hidden_dims = [16, 16]
+bc_hidden_dims = [16, 16]
+flow_steps = 2
+num_particles = 4
+train_budget = 1
+
+[tasks.hopper-medium-v2]
+""")
+    return path
+
+
+def test_reproduce_script_stops_on_sigterm_and_continues_when_run_again(data, tmp_path):
+    """``recipes/reproduce.py`` trains in its own process: SIGTERM checkpoints the run in progress and exits 143
+    naming the command to continue; run again (here with fewer steps in the recipe), it resumes and finishes."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "hopper-medium-v2.hdf5").write_bytes(data.read_bytes())
+    recipe = write_recipe(tmp_path / "tiny.toml", tmp_path / "data", 100000)
+    run_dir = tmp_path / "runs" / "hopper-medium-v2" / "seed0"
+    command = [sys.executable, "recipes/reproduce.py", str(recipe)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for_rows(process, run_dir / "train.csv", 3)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("reproduce.py: stopped by signal 15 at step ")
+    assert f"continue with: python recipes/reproduce.py {recipe}" in err
+    step = load_checkpoint(run_dir / "latest.pt")["step"]
+    write_recipe(recipe, tmp_path / "data", step + 2)
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert load_checkpoint(run_dir / "latest.pt")["step"] == step + 2
+    assert [int(r["step"]) for r in rows(run_dir / "train.csv")] == list(range(1, step + 3))
