@@ -122,6 +122,8 @@ def test_a_diverging_run_stops_with_one_line_and_leaves_only_finite_checkpoints(
     assert cli.main(["train", "--dataset", str(data), "--out", str(quiet), "--steps", "400", "--log-every", "4",
                      "--no-progress", *TINY_CLI, "lr=1e30"]) == 2  # fmt: skip
     assert not (quiet / "latest.pt").exists()
+    (last,) = rows(quiet / "train.csv")  # the diverged window's row is logged: it shows what went wrong
+    assert last["step"] == "4" and not all(np.isfinite(float(v)) for v in last.values())
 
 
 def test_allow_nonfinite_keeps_training(data, tmp_path, capsys):
