@@ -37,14 +37,15 @@ from common import (  # noqa: E402
 
 from vgf_prob.rl.agent import VGFAgent  # noqa: E402
 from vgf_prob.rl.config import VGFConfig  # noqa: E402
+from vgf_prob.validation import host_reads  # noqa: E402
 
 
 def train(agent: VGFAgent, updates: int, seed: int) -> list[dict[str, float]]:
     generator = torch.Generator().manual_seed(seed)
     history = []
     for step in range(updates):
-        info = agent.update(synthetic_batch(BATCH_SIZE, agent.device, agent.dtype, seed=1000 + step), generator,
-                            check_finite=False)
+        with host_reads(False):
+            info = agent.update(synthetic_batch(BATCH_SIZE, agent.device, agent.dtype, seed=1000 + step), generator)
         history.append({k: float(v) for k, v in info.items()})
     return history
 
@@ -52,9 +53,8 @@ def train(agent: VGFAgent, updates: int, seed: int) -> list[dict[str, float]]:
 def probe(agent: VGFAgent, seed: int, draws: int = 8) -> dict[str, torch.Tensor]:
     batch = synthetic_batch(BATCH_SIZE, agent.device, agent.dtype, seed=99)
     targets = torch.stack([agent.td_target(batch, torch.Generator().manual_seed(seed + k))[0] for k in range(draws)])
-    with torch.no_grad():
-        policy, _ = agent.transport(batch["next_observations"], agent.train_budget,
-                                    torch.Generator().manual_seed(seed), check_finite=False)
+    with torch.no_grad(), host_reads(False):
+        policy, _ = agent.transport(batch["next_observations"], agent.train_budget, torch.Generator().manual_seed(seed))
         actions = agent.act(batch["observations"][:64], generator=torch.Generator().manual_seed(seed))
     return {"targets": targets, "particles": policy.particles, "actions": actions}
 

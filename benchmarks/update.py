@@ -45,6 +45,7 @@ from common import (  # noqa: E402
 
 from vgf_prob.rl.agent import VGFAgent  # noqa: E402
 from vgf_prob.rl.config import VGFConfig  # noqa: E402
+from vgf_prob.validation import host_reads  # noqa: E402
 
 
 def all_rows() -> dict[str, dict[str, Any]]:
@@ -87,7 +88,8 @@ def measure_row(name: str, args: argparse.Namespace, device: torch.device, dtype
     generator = make_generator(device, args.seed)
 
     def update() -> None:
-        agent.update(batch, generator, check_finite=False)
+        with host_reads(False):  # a training loop on validated data: no host read
+            agent.update(batch, generator)
 
     with PeakMemory(device) as memory:
         probe = time_blocks(update, device, blocks=1, calls_per_block=1, warmup=args.warmup)
@@ -182,7 +184,7 @@ def _flow_from(agent: VGFAgent, obs: torch.Tensor, start: torch.Tensor) -> None:
 
     critic_fn = agent.particle_fn(agent.critic, obs)
     field = agent.stein_field if agent.amortized is None else AmortizedGradient(agent.particle_fn(agent.amortized, obs))
-    flow = ValueGradientFlow(field, agent.train_solver, budget=agent.train_budget, projection=agent.projection)
+    flow = ValueGradientFlow(field, agent.solver, budget=agent.train_budget, projection=agent.projection)
     flow(start, obs, critic_fn)
 
 

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, TransformedDistribution, constraints
 from pyro.distributions.transforms import AffineTransform, TanhTransform
 from torch import Tensor, nn
-from torch.distributions import Distribution
 from torch.func import functional_call, jacfwd, jvp, vmap
 from torchdiffeq import odeint
 from torchdiffeq._impl.odeint import SOLVERS
@@ -154,13 +153,11 @@ class FlowMatchingPolicy(nn.Module):
         return torch.atanh(((actions - center) / half).clamp(-margin, margin))
 
     def loss(
-        self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None, validate: bool = True
+        self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Flow-matching MSE between v(s, x_t, t) and x1 - x0 for dataset pairs ``obs [*B, O]``, ``actions [*B, A]``
-        (x1 = `flow_target` of the action).
-
-        ``validate=False`` skips the NaN/inf check of ``obs`` (no host read; shapes are still checked)."""
-        check_obs(obs, self.obs_dim, check_values=validate)
+        (x1 = `flow_target` of the action)."""
+        check_obs(obs, self.obs_dim)
         expected = obs.shape[:-1] + (self.action_dim,)
         if actions.shape != expected:
             raise ValueError(f"actions must have shape {tuple(expected)}, got {tuple(actions.shape)}")
@@ -171,17 +168,15 @@ class FlowMatchingPolicy(nn.Module):
         loss = F.mse_loss(self.velocity(obs, x_t, t), target - noise)
         return loss, {"flow_matching_loss": loss.detach()}
 
-    def forward(self, obs: Tensor, validate: bool = True) -> "FlowMatchingDistribution | SquashedFlowMatching":
-        """The law of a BC sample at ``obs [*B, O]``; ``validate=False`` (or ``pyro.validation_enabled(False)``)
-        skips every check that reads a value back to the host (NaN/inf in ``obs``, argument and sample checks)."""
-        validate = validate and Distribution._validate_args
-        check_obs(obs, self.obs_dim, check_values=validate)
-        validate_args = None if validate else False
+    def forward(self, obs: Tensor) -> "FlowMatchingDistribution | SquashedFlowMatching":
+        """The law of a BC sample at ``obs [*B, O]``; with validation off (`vgf_prob.validation`) nothing reads a
+        value back to the host (NaN/inf in ``obs``, argument and sample checks)."""
+        check_obs(obs, self.obs_dim)
         low, high = self.action_low.to(obs), self.action_high.to(obs)
-        flow = FlowMatchingDistribution(self.velocity_net, self.spec, obs, low, high, validate_args=validate_args)
+        flow = FlowMatchingDistribution(self.velocity_net, self.spec, obs, low, high)
         if self.bound != "tanh":
             return flow
-        return SquashedFlowMatching(flow, low, high, validate_args=validate_args)
+        return SquashedFlowMatching(flow, low, high)
 
 
 def _center_half(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,6 @@ from collections.abc import Sequence
 import torch
 from pyro.distributions import Independent, Normal, TorchDistribution
 from torch import Tensor, nn
-from torch.distributions import Distribution
 
 from .networks import check_obs, mlp
 
@@ -102,11 +101,10 @@ class GaussianPolicy(nn.Module):
         self.register_buffer("action_low", low)
         self.register_buffer("action_high", high)
 
-    def forward(self, obs: Tensor, validate: bool = True) -> DiagonalNormal:
-        """The Gaussian at ``obs [*B, O]``; ``validate=False`` skips the checks that read values back to the host
-        (NaN/inf in ``obs``, the distribution's argument validation), as ``pyro.validation_enabled(False)`` does."""
-        validate = validate and Distribution._validate_args
-        check_obs(obs, self.obs_dim, check_values=validate)
+    def forward(self, obs: Tensor) -> DiagonalNormal:
+        """The Gaussian at ``obs [*B, O]``; with validation off (`vgf_prob.validation`) nothing reads a value back
+        to the host (NaN/inf in ``obs``, the distribution's argument validation)."""
+        check_obs(obs, self.obs_dim)
         out = self.net(obs)
         if self.state_dependent_std:
             mean, raw_log_std = out.split(self.action_dim, dim=-1)
@@ -114,15 +112,13 @@ class GaussianPolicy(nn.Module):
             mean, raw_log_std = out, self.log_std.expand_as(out)
         half_range = 0.5 * (self.max_log_std - self.min_log_std)
         log_std = self.min_log_std + half_range * (torch.tanh(raw_log_std) + 1.0)
-        return DiagonalNormal(mean, log_std.exp(), self.action_low, self.action_high,
-                              validate_args=None if validate else False)
+        return DiagonalNormal(mean, log_std.exp(), self.action_low, self.action_high)
 
-    def loss(self, obs: Tensor, actions: Tensor, validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean negative log-likelihood of ``actions [*B, A]`` under ``self(obs [*B, O])`` (``validate`` as in
-        ``forward``)."""
+    def loss(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean negative log-likelihood of ``actions [*B, A]`` under ``self(obs [*B, O])``."""
         expected = obs.shape[:-1] + (self.action_dim,)
         if actions.shape != expected:
             raise ValueError(f"actions must have shape {tuple(expected)}, got {tuple(actions.shape)}")
-        policy = self(obs, validate=validate)
+        policy = self(obs)
         nll = -policy.log_prob(actions).mean()
         return nll, {"nll": nll.detach(), "std": policy.base_dist.scale.mean().detach()}

@@ -7,20 +7,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vgf_prob import fast
+from vgf_prob.validation import is_validation_enabled
 
 
-def check_obs(obs: Tensor, obs_dim: int | None = None, check_values: bool = True) -> None:
+def check_obs(obs: Tensor, obs_dim: int | None = None) -> None:
     """Raise a ValueError unless ``obs`` is a ``[*B, obs_dim]`` floating tensor of finite values.
 
-    ``check_values=False`` checks type and shape only: the finiteness check reads a result back to the host
-    (a device synchronisation on a GPU), which a training loop on validated data can skip."""
+    With validation off (`vgf_prob.validation`) only type and shape are checked: the finiteness check reads a
+    result back to the host (a device synchronisation on a GPU)."""
     if not isinstance(obs, Tensor) or obs.ndim == 0:
         raise ValueError(f"obs must be a tensor of shape [*B, O], got {type(obs).__name__} {getattr(obs, 'shape', '')}")
     if not obs.is_floating_point():
         raise ValueError(f"obs must have a floating-point dtype, got {obs.dtype}")
     if obs_dim is not None and obs.shape[-1] != obs_dim:
         raise ValueError(f"obs must have last dimension {obs_dim}, got shape {tuple(obs.shape)}")
-    if check_values and not torch.isfinite(obs).all():
+    if is_validation_enabled() and not torch.isfinite(obs).all():
         raise ValueError("obs contains NaN or infinite values")
 
 

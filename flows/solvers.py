@@ -21,6 +21,8 @@ from torchdiffeq import odeint
 from torchdiffeq._impl.odeint import SOLVERS as ODE_METHODS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
+from vgf_prob.validation import host_reads_allowed, is_validation_enabled
+
 from .fields import ValueFn, VelocityField
 
 FIXED_GRID_METHODS = frozenset(name for name, cls in ODE_METHODS.items() if issubclass(cls, FixedGridODESolver))
@@ -72,11 +74,10 @@ def check_finite_velocity(velocity: Tensor) -> None:
 class DiscreteSolver:
     """Shared loop of the step-based solvers: x <- enforce(project(x + update(v))) for the allowed steps.
 
-    States whose allowance ran out or whose budget is exhausted are left exactly where they are.
+    States whose allowance ran out or whose budget is exhausted are left exactly where they are. With
+    validation on (`vgf_prob.validation`) every velocity is checked for NaN/inf; with host reads allowed the
+    loop stops once every state has spent its budget.
     """
-
-    def __init__(self, check_finite: bool = True) -> None:
-        self.check_finite = check_finite
 
     def init_state(self, x0: Tensor) -> dict[str, Tensor]:
         return {}
@@ -94,14 +95,15 @@ class DiscreteSolver:
             max_steps = int(allowance.max().item()) if allowance.numel() else 0
             uniform = bool((allowance == max_steps).all().item())
         active = allowance > 0
+        reads, checks = host_reads_allowed(), is_validation_enabled()
         exhausted_any = torch.zeros_like(active)
         state = self.init_state(x0)
         x = x0
         for step in range(max_steps):
-            if self.check_finite and not bool(active.any()):
-                break  # every state has spent its budget (checked only where the loop already syncs)
+            if reads and not bool(active.any()):
+                break  # every state has spent its budget (a host read)
             velocity = field(obs, x, value)
-            if self.check_finite:
+            if checks:
                 check_finite_velocity(velocity)
             proposal = constraint.project(x + self.displacement(state, velocity, step))
             proposal, exhausted = constraint.enforce(x0, x, proposal)
@@ -117,8 +119,7 @@ class DiscreteSolver:
 class Euler(DiscreteSolver):
     """Explicit Euler steps, the paper's update: x <- x + eps * phi(x)."""
 
-    def __init__(self, step_size: float = 0.01, check_finite: bool = True) -> None:
-        super().__init__(check_finite)
+    def __init__(self, step_size: float = 0.01) -> None:
         if not step_size > 0:
             raise ValueError(f"step_size must be positive, got {step_size}")
         self.step_size = float(step_size)
@@ -140,9 +141,7 @@ class ParticleAdam(DiscreteSolver):
         lr: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        check_finite: bool = True,
     ) -> None:
-        super().__init__(check_finite)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if not all(0.0 <= beta < 1.0 for beta in betas):
@@ -182,7 +181,6 @@ class ODESolver:
         rtol: float = 1e-5,
         atol: float = 1e-6,
         options: dict | None = None,
-        check_finite: bool = True,
     ) -> None:
         if method not in ODE_METHODS:
             raise ValueError(f"unknown ODE method {method!r}; torchdiffeq offers {sorted(ODE_METHODS)}")
@@ -192,7 +190,6 @@ class ODESolver:
         self.options = dict(options or {})
         if method in FIXED_GRID_METHODS and "step_size" not in self.options:
             self.options["step_size"] = self.step_size
-        self.check_finite = check_finite
 
     def __call__(
         self, field: VelocityField, obs: Tensor | None, x0: Tensor, value: ValueFn, constraint: Constraint
@@ -209,10 +206,11 @@ class ODESolver:
     def _segment(self, field: VelocityField, obs: Tensor | None, x0: Tensor, x: Tensor, value: ValueFn,
                  constraint: Constraint, active: Tensor, start: int, stop: int) -> Tensor:
         """Integrate from t = start * h to stop * h; only the ``active`` states [B] move."""
+        checks = is_validation_enabled()
 
         def dynamics(t: Tensor, x: Tensor) -> Tensor:
             velocity = field(obs, x, value)
-            if self.check_finite:
+            if checks:
                 check_finite_velocity(velocity)
             moving = active & constraint.moving(x0, x)
             velocity = torch.where(constraint.outward_velocity(x, velocity), 0.0, velocity)

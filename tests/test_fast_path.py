@@ -30,6 +30,7 @@ from vgf_prob.fast.dispatch import state as fast_state_or_make
 from vgf_prob.rl.agent import VGFAgent
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.networks import EnsembleCritic
+from vgf_prob.validation import host_reads
 
 aten = torch.ops.aten
 OBS, ACT, BATCH = 5, 3, 12
@@ -333,14 +334,14 @@ class HostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("setting", ["stein", "amortized", "gaussian-reference"])
 def test_a_training_update_reads_nothing_back_to_the_host(setting: str) -> None:
-    """The CUDA-path contract, checked on CPU: ``update(batch, check_finite=False)`` issues no op that would
-    synchronise with a GPU, while the default ``check_finite=True`` does read (its NaN/inf check)."""
+    """The CUDA-path contract, checked on CPU: ``update(batch)`` inside ``host_reads(False)`` issues no op that
+    would synchronise with a GPU, while with validation on it does read (its NaN/inf check of the batch)."""
     config = TINY.replace(**AGENT_SETTINGS.get(setting, {}), max_grad_norm=1.0)
     agent = VGFAgent(OBS, ACT, config)
     batch = make_batch(0, torch.float32)
     agent.update(batch)  # optimiser states exist from here on
     with HostReads() as unchecked:
-        agent.update(batch, check_finite=False)
+        unchecked_update(agent, batch)
     assert unchecked.reads == []
     with HostReads() as checked:
         agent.update(batch)
@@ -355,12 +356,18 @@ def test_a_training_update_traces_on_the_meta_device(setting: str) -> None:
     overrides = {"plain": dict(fast_path=False)}.get(setting, AGENT_SETTINGS.get(setting, {}))
     agent = VGFAgent(OBS, ACT, TINY.replace(**overrides, max_grad_norm=1.0), device="meta")
     batch = {key: value.to("meta") for key, value in make_batch(0, torch.float32).items()}
-    agent.update(batch, check_finite=False)
+    unchecked_update(agent, batch)
     with host_data_copies() as copies:
-        info = agent.update(batch, check_finite=False)
+        info = unchecked_update(agent, batch)
     assert copies == []  # a tensor built from Python data on a GPU is a blocking copy: the host waits
     assert info and all(value.device.type == "meta" for value in info.values())
     assert all(p.device.type == "meta" for p in agent.parameters())
+
+
+def unchecked_update(agent: VGFAgent, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``agent.update(batch)`` inside ``host_reads(False)``: a training loop on validated data."""
+    with host_reads(False):
+        return agent.update(batch)
 
 
 @contextlib.contextmanager
@@ -547,12 +554,12 @@ def test_cuda_agent_fast_and_plain_paths_give_the_same_losses(setting: str) -> N
 @pytest.mark.parametrize("setting", ["stein", "amortized"])
 def test_a_cuda_update_does_not_synchronise(setting: str) -> None:
     agent = VGFAgent(OBS, ACT, TINY.replace(**AGENT_SETTINGS.get(setting, {})), device="cuda")
-    agent.update(cuda_batch(0), check_finite=False)
+    unchecked_update(agent, cuda_batch(0))
     batch = cuda_batch(1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        agent.update(batch, check_finite=False)
+        unchecked_update(agent, batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -568,15 +575,15 @@ def test_a_cuda_graph_captured_update_is_the_eager_update(bf16: bool) -> None:
     for agent in (graphed, eager):
         fast.make_capturable(agent._optimizers().values())
     torch.cuda.manual_seed(0)
-    step = fast.CapturedStep(lambda b: graphed.update(b, check_finite=False), cuda_batch(0), warmup=3)
+    step = fast.CapturedStep(lambda b: unchecked_update(graphed, b), cuda_batch(0), warmup=3)
     torch.cuda.manual_seed(0)
     for _ in range(3):
-        eager.update(cuda_batch(0), check_finite=False)
+        unchecked_update(eager, cuda_batch(0))
     for n in (1, 2):
         torch.cuda.manual_seed(10 + n)
         info = {key: value.clone() for key, value in step(cuda_batch(n)).items()}
         torch.cuda.manual_seed(10 + n)
-        reference = eager.update(cuda_batch(n), check_finite=False)
+        reference = unchecked_update(eager, cuda_batch(n))
         for key in reference:
             torch.testing.assert_close(info[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
     for p_graphed, p_eager in zip(graphed.parameters(), eager.parameters()):

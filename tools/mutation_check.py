@@ -61,9 +61,9 @@ MUTATIONS = [
              'batch["rewards"] + self.config.discount * next_q', tuple(AGENT),
              "TD target bootstraps through terminal transitions"),
     Mutation("agent-td-flow-driven-by-target-critic", "vgf_prob/rl/agent.py",
-             "policy, _ = self.transport(next_obs, self.train_budget, generator, check_finite=False)",
+             "policy, _ = self.transport(next_obs, self.train_budget, generator)",
              "self.critic, self.target_critic = self.target_critic, self.critic; "
-             "policy, _ = self.transport(next_obs, self.train_budget, generator, check_finite=False); "
+             "policy, _ = self.transport(next_obs, self.train_budget, generator); "
              "self.critic, self.target_critic = self.target_critic, self.critic", tuple(AGENT),
              "the TD target's flow follows the target critic instead of the online one"),
     Mutation("agent-flow-min-of-heads", "vgf_prob/rl/agent.py",

@@ -13,6 +13,9 @@ _EXPORTS = {
         "ValueGradient",
     ),
     "vgf_prob.transport": ("BoxProjection", "ValueGradientFlow"),
+    "vgf_prob.validation": (
+        "enable_validation", "host_reads", "host_reads_allowed", "is_validation_enabled", "validation_enabled",
+    ),
     "vgf_prob.values": (
         "CriticValue", "HeadAggregation", "NoActionGradientWarning", "as_value", "broadcast_observations", "eval_mode",
         "evaluate", "td_target",
@@ -34,6 +37,13 @@ if TYPE_CHECKING:
         ValueGradient,
     )
     from vgf_prob.transport import BoxProjection, ValueGradientFlow
+    from vgf_prob.validation import (
+        enable_validation,
+        host_reads,
+        host_reads_allowed,
+        is_validation_enabled,
+        validation_enabled,
+    )
     from vgf_prob.values import (
         CriticValue,
         HeadAggregation,
@@ -87,7 +97,12 @@ __all__ = [
     "ValueGradientFlow",
     "as_value",
     "broadcast_observations",
+    "enable_validation",
     "eval_mode",
     "evaluate",
+    "host_reads",
+    "host_reads_allowed",
+    "is_validation_enabled",
     "td_target",
+    "validation_enabled",
 ]

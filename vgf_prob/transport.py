@@ -27,6 +27,7 @@ from vgf_prob.budget import Budget, StepBudget, as_budget, displacement, unlimit
 from vgf_prob.distributions.particle import SELECTION_RULES, ParticlePolicy, TransportReport
 from vgf_prob.flows.fields import VelocityField
 from vgf_prob.flows.solvers import SolveResult
+from vgf_prob.validation import is_validation_enabled
 from vgf_prob.values import AGGREGATIONS, HeadAggregation, ValueCallable, evaluate
 
 Reference = Callable[[Tensor], Distribution] | Distribution | Tensor | ParticlePolicy
@@ -140,9 +141,9 @@ class ValueGradientFlow:
     script); ``target_aggregation`` combines them wherever values are used: the choice of the acted particle
     and the TD target ("min": the authors' D4RL setting; their OGBench scripts take min for antmaze, mean
     elsewhere). ``max_steps`` caps the steps of budgets that do not count steps (displacement, Sinkhorn).
-    ``validate`` checks the starting particles for NaN/inf and validates the returned `ParticlePolicy`'s
-    arguments (host reads; GPU training loops turn it off together with the solver's ``check_finite``, and a
-    step-budget flow then reads nothing back from the device). The starting particles are projected too, so
+    With validation on (`vgf_prob.validation`) the starting particles are checked for NaN/inf and the returned
+    `ParticlePolicy`'s arguments validated (host reads); inside ``vgf_prob.host_reads(False)`` a step-budget
+    flow reads nothing back from the device. The starting particles are projected too, so
     every returned particle lies in the box, at L = 0 included. Particles move; the value's parameters never
     get a gradient.
     """
@@ -154,7 +155,6 @@ class ValueGradientFlow:
     aggregation: str = "mean"
     target_aggregation: str = "min"
     max_steps: int | None = None
-    validate: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", as_budget(self.budget))
@@ -238,7 +238,7 @@ class ValueGradientFlow:
         _check_obs(obs)
         origin, x0 = self._initial_particles(reference, obs, num_particles, generator)
         batch_shape = x0.shape[:-2]
-        _check_particles(x0, self.validate)
+        _check_particles(x0)
         obs = _match_obs(obs, x0)
         if self.projection is not None:
             x0 = self.projection(x0)
@@ -256,8 +256,7 @@ class ValueGradientFlow:
             exhausted=result.exhausted,
             budget_spent=spent,
         ).reshape(batch_shape)
-        policy = ParticlePolicy(x.reshape(x0.shape), reference_particles=origin, report=report,
-                                validate_args=None if self.validate else False)
+        policy = ParticlePolicy(x.reshape(x0.shape), reference_particles=origin, report=report)
         return policy, obs
 
     def _initial_particles(
@@ -341,14 +340,14 @@ def _check_obs(obs: Tensor | None) -> None:
         raise ValueError(f"empty batch: obs has shape {tuple(obs.shape)}, no states to move particles for")
 
 
-def _check_particles(x0: Tensor, check_finite: bool) -> None:
+def _check_particles(x0: Tensor) -> None:
     if not x0.is_floating_point():
         raise TypeError(f"particles must be a floating-point tensor, got {x0.dtype}")
     if x0.shape[-2] == 0:
         raise ValueError("a flow needs at least one particle per state; got N = 0")
     if x0.shape[:-2].numel() == 0:
         raise ValueError(f"empty batch: the particles have shape {tuple(x0.shape)}, no states to move")
-    if check_finite and not torch.isfinite(x0).all():
+    if is_validation_enabled() and not torch.isfinite(x0).all():
         raise ValueError(f"particles contain {(~torch.isfinite(x0)).sum().item()} NaN/inf values")
 
 

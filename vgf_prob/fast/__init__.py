@@ -17,7 +17,7 @@ The passes (all numerically the same arithmetic as the plain modules, up to floa
   on CPU, oneDNN products with pre-packed weights (`packed`);
 - `buffers.Workspace`: scratch tensors reused from call to call (CPU has no caching allocator; a fresh
   activation costs a page fault per 4 KiB);
-- `graphs.CapturedStep`: a training step (e.g. ``agent.update(batch, check_finite=False)``) captured as one
+- `graphs.CapturedStep`: a training step (e.g. ``agent.update(batch)`` inside ``vgf_prob.host_reads(False)``) captured as one
   CUDA graph, with `graphs.make_capturable` for its optimisers.
 
 This package imports torch only; the models import it, never the other way round.

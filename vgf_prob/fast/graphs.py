@@ -1,6 +1,6 @@
 """A training step captured as one CUDA graph: the whole update replayed with one launch.
 
-Requirements, all met by ``VGFAgent.update(batch, check_finite=False)`` (the meta-device and host-read
+Requirements, all met by ``VGFAgent.update(batch)`` inside ``vgf_prob.host_reads(False)`` (the meta-device and host-read
 tests pin the last two): static shapes; Adam with ``capturable=True`` (its step counters on the device);
 no host reads and no host-to-device copies of Python data inside the step. The fast passes rebuild their
 cached derived weights inside a capture (`vgf_prob.fast.buffers.Prepared`), so that a replay recomputes

@@ -32,6 +32,7 @@ from vgf_prob.flows import AmortizedGradient, ParticleAdam, SteinField, action_g
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.networks import AmortizedGradientNetwork, EnsembleCritic
 from vgf_prob.transport import BoxProjection, ValueGradientFlow
+from vgf_prob.validation import host_reads, is_validation_enabled
 from vgf_prob.values import HeadAggregation, evaluate
 
 BATCH_KEYS = ("observations", "actions", "rewards", "next_observations", "masks")
@@ -83,8 +84,7 @@ class VGFAgent(nn.Module):
         )
 
         self.stein_field = SteinField(cfg.alpha, differentiate_bandwidth=cfg.differentiate_bandwidth)
-        self.train_solver = ParticleAdam(cfg.vgf_lr, check_finite=False)
-        self.act_solver = ParticleAdam(cfg.vgf_lr)
+        self.solver = ParticleAdam(cfg.vgf_lr)
         self.projection = BoxProjection(-1.0, 1.0)
         self.train_budget = StepBudget(cfg.train_budget)
         if cfg.compile:
@@ -128,12 +128,11 @@ class VGFAgent(nn.Module):
         return fn
 
     def reference_particles(
-        self, obs: Tensor, num_particles: int, generator: torch.Generator | None = None, validate: bool = True
+        self, obs: Tensor, num_particles: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        """x^0_i ~ mu(. | s): ``[B, N, A]`` draws from the BC reference, without a graph (``validate=False``:
-        no check that reads a value back to the host)."""
+        """x^0_i ~ mu(. | s): ``[B, N, A]`` draws from the BC reference, without a graph."""
         with torch.no_grad(), self._autocast(), self._fast_switch():
-            particles = self.reference(obs, validate=validate).sample_particles(num_particles, generator=generator)
+            particles = self.reference(obs).sample_particles(num_particles, generator=generator)
         return particles.to(obs.dtype)
 
     def transport(
@@ -141,7 +140,6 @@ class VGFAgent(nn.Module):
         obs: Tensor,
         budget: Budget | int,
         generator: torch.Generator | None = None,
-        check_finite: bool = True,
     ) -> tuple[ParticlePolicy, ParticleFn]:
         """Draw N particles per state from mu and move them under ``budget`` with the online critic.
 
@@ -154,13 +152,12 @@ class VGFAgent(nn.Module):
         field = self.stein_field if self.amortized is None else AmortizedGradient(self.particle_fn(self.amortized, obs))
         flow = ValueGradientFlow(
             field,
-            self.act_solver if check_finite else self.train_solver,
+            self.solver,
             budget=budget,
             projection=self.projection,
             aggregation=self.config.flow_aggregation,
-            validate=check_finite,
         )
-        start = self.reference_particles(obs, self.config.num_particles, generator, validate=check_finite)
+        start = self.reference_particles(obs, self.config.num_particles, generator)
         return flow(start, obs, critic_fn), critic_fn
 
     # ------------------------------------------------------------------ losses
@@ -172,7 +169,7 @@ class VGFAgent(nn.Module):
         """
         next_obs = batch["next_observations"]
         with torch.no_grad():
-            policy, _ = self.transport(next_obs, self.train_budget, generator, check_finite=False)
+            policy, _ = self.transport(next_obs, self.train_budget, generator)
             target_fn = self.particle_fn(self.target_critic, next_obs)
             next_q = evaluate(target_fn, next_obs, policy.particles, self.config.target_aggregation).mean(-1)
             target = batch["rewards"] + self.config.discount * batch["masks"] * next_q
@@ -186,17 +183,14 @@ class VGFAgent(nn.Module):
         return loss, {"critic_loss": loss.detach(), "q_mean": q.detach().mean()}
 
     def bc_loss(
-        self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None, validate: bool = True
+        self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None
     ) -> TensorInfo:
-        """The reference's BC loss on dataset pairs (flow-matching MSE, or Gaussian negative log-likelihood).
-
-        ``validate=False`` skips the reference's NaN/inf check of the observations (``update`` has checked the
-        batch already, or was told not to)."""
+        """The reference's BC loss on dataset pairs (flow-matching MSE, or Gaussian negative log-likelihood)."""
         obs, actions = batch["observations"], batch["actions"]
         if isinstance(self.reference, FlowMatchingPolicy):
-            loss, info = self.reference.loss(obs, actions, generator=generator, validate=validate)
+            loss, info = self.reference.loss(obs, actions, generator=generator)
         else:
-            loss, info = self.reference.loss(obs, actions, validate=validate)
+            loss, info = self.reference.loss(obs, actions)
         return loss, {"bc_loss": loss.detach(), **{f"bc_{k}": v for k, v in info.items()}}
 
     def amortized_loss(self, batch: Mapping[str, Tensor]) -> TensorInfo:
@@ -211,20 +205,25 @@ class VGFAgent(nn.Module):
 
     # ------------------------------------------------------------------ training
     def update(
-        self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None, check_finite: bool = True
+        self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
         """One training iteration on ``batch`` (keys observations, actions, rewards, next_observations, masks).
 
         All losses are formed with the current parameters, then each network takes one Adam step (global
         grad norm clipped to ``config.max_grad_norm`` when positive) and the target critic a Polyak step.
-        ``generator`` drives the reference's samples and the BC noise. ``check_finite=False`` skips the one
-        host sync of the batch's NaN/inf check (for data already validated, e.g. an `OfflineDataset`).
-        Returns detached scalar tensors; nothing here copies to the host.
+        ``generator`` drives the reference's samples and the BC noise. With validation on (`vgf_prob.validation`)
+        the batch is checked for NaN/inf, the one host read; inside ``vgf_prob.host_reads(False)`` (data already
+        validated, e.g. an `OfflineDataset`) there is none. Returns detached scalar tensors.
         """
-        batch = self._prepare_batch(batch, check_finite)
+        batch = self._prepare_batch(batch)
+        with host_reads(False):  # the batch is checked: the flows and losses read nothing back
+            return self._step(batch, generator)
+
+    def _step(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> dict[str, Tensor]:
+        """``update``'s losses, optimiser steps and Polyak step on a prepared batch."""
         target, info = self.td_target(batch, generator)
         critic_loss, critic_info = self.critic_loss(batch, target)
-        bc_loss, bc_info = self.bc_loss(batch, generator, validate=False)
+        bc_loss, bc_info = self.bc_loss(batch, generator)
         steps = [(critic_loss, self.critic_optimizer), (bc_loss, self.reference_optimizer)]
         info |= critic_info | bc_info
         if self.amortized is not None:
@@ -272,7 +271,7 @@ class VGFAgent(nn.Module):
             particles = policy.particles
         scores = evaluate(critic_fn, obs, particles, self.config.target_aggregation)
         actions = gather_particles(particles, scores.argmax(-1))
-        if not torch.isfinite(actions).all():
+        if is_validation_enabled() and not torch.isfinite(actions).all():
             raise ValueError("the chosen actions contain NaN or inf: the BC reference or the critic produced them")
         return actions[0] if single else actions
 
@@ -376,12 +375,12 @@ class VGFAgent(nn.Module):
             raise ValueError(f"obs must have shape [B, {self.obs_dim}] or [{self.obs_dim}], got {tuple(obs.shape)}")
         if obs.shape[0] == 0:
             raise ValueError(f"obs is an empty batch (shape {tuple(obs.shape)}); give at least one observation")
-        if not torch.isfinite(obs).all():
+        if is_validation_enabled() and not torch.isfinite(obs).all():
             raise ValueError("obs contains NaN or infinite values")
         return (obs.unsqueeze(0), True) if obs.dim() == 1 else (obs, False)
 
-    def _prepare_batch(self, batch: Mapping[str, Tensor], check_finite: bool) -> dict[str, Tensor]:
-        """Check shapes (and, with ``check_finite``, values) and move the batch to this agent's device and dtype."""
+    def _prepare_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Check shapes (and, with validation on, values) and move the batch to this agent's device and dtype."""
         missing = [key for key in BATCH_KEYS if key not in batch]
         if missing:
             raise ValueError(f"batch is missing {missing}; expected keys {list(BATCH_KEYS)}")
@@ -400,7 +399,7 @@ class VGFAgent(nn.Module):
                     f"(batch size {size}, obs_dim {self.obs_dim}, action_dim {self.action_dim})"
                 )
         tensors = {key: torch.as_tensor(batch[key]).to(device=self.device, dtype=self.dtype) for key in BATCH_KEYS}
-        if check_finite and not torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all():
+        if is_validation_enabled() and not torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all():
             bad = [key for key, t in tensors.items() if not torch.isfinite(t).all()]
             raise ValueError(f"batch contains NaN or infinite values in {bad}")
         return tensors
