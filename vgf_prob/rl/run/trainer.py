@@ -146,7 +146,12 @@ def _run(config: VGFConfig, dataset: OfflineDataset, spec: TrainSpec, online: On
     if spec.env is not None:
         check_env(spec.env, dataset.obs_dim, dataset.action_dim, env_kwargs)
     with RunLock(out), StopSignals() as stop:
-        loop = _Loop(config, dataset, replace(spec, device=str(device)), out, env_kwargs, online, stop)
+        try:
+            loop = _Loop(config, dataset, replace(spec, device=str(device)), out, env_kwargs, online, stop)
+        except BaseException:
+            if online is not None:
+                online.close()
+            raise
         try:
             return loop.run()
         finally:
@@ -181,9 +186,9 @@ class _Loop:
         self.window, self.csv = MetricWindow(), CSVSink(out)
         self.checkpoint_path, self._saved_step, self.last_scores = None, 0, []
         self.start = self._restore()
-        self.sinks = [self.csv, *make_sinks(spec.log, out, self.start, config.to_dict())]
         if online is not None:
             online.start(env_kwargs, spec.seed)
+        self.sinks = [self.csv, *make_sinks(spec.log, out, self.start, config.to_dict())]  # last: `close` ends them
 
     def _restore(self) -> int:
         """Resume from the checkpoint (returns its step), or load fine-tuning's initial agent (returns 0)."""
@@ -242,21 +247,22 @@ class _Loop:
     def _log(self, step: int) -> None:
         now = time.perf_counter()
         row = {**self.window.means(), "steps_per_second": (step - self.window.since) / (now - self.tick)}
-        if not self.spec.allow_nonfinite:
-            self._guard(step, row)
+        losses, since = dict(row), self.window.since
         if self.online is not None:
             row.update(self.online.pop_stats())
         self.window.reset(step)
-        for sink in self.sinks:
+        for sink in self.sinks:  # a diverged row is logged too: it shows what went wrong
             sink.log_train(step, row)
+        if not self.spec.allow_nonfinite:
+            self._guard(step, losses, since)
         self.bar.set_postfix({k: f"{row[k]:.3g}" for k in PROGRESS_KEYS if k in row})
         self.tick = now
 
-    def _guard(self, step: int, row: dict[str, float]) -> None:
+    def _guard(self, step: int, row: dict[str, float], since: int) -> None:
         """`TrainingDiverged` when a logged mean, the last gradients or the parameters are not finite."""
         bad = next((k for k, v in row.items() if not np.isfinite(v)), None)
         if bad is not None:
-            self._diverged(step, f"{bad} (mean over steps {self.window.since + 1}-{step})")
+            self._diverged(step, f"{bad} (mean over steps {since + 1}-{step})")
         named = list(self.agent.named_parameters())
         finite = torch.stack([torch.isfinite(t).all() for _, p in named for t in (p, p.grad) if t is not None])
         if not bool(finite.all()):  # the one host read; then find the culprit (we are stopping anyway)
