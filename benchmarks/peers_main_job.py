@@ -1,7 +1,8 @@
 """VGF against its peers on one generated dataset, over seeds, on the same seeded episodes.
 
     python benchmarks/peers_main_job.py --dataset reacher-spin-v0 --seeds 0 1 2 --out benchmarks/results/peers/spin.json
-    python benchmarks/peers_main_job.py --dataset reacher-mixed-v0 --seeds 0 --no-peers --probes --config alpha=0.004
+    python benchmarks/peers_main_job.py --dataset reacher-mixed-v0 --seeds 0 --peers --probes --config alpha=0.004
+    python benchmarks/peers_main_job.py --merge a.json b.json --out all.json   # seeds run apart, one summary
 
 Per seed: VGF (the quick start's agent, `QUICKSTART_AGENT`, plus ``--config`` overrides) trained by
 `vgf_prob.rl.run.trainer.train`; then on the episodes seeded ``seed + k`` (as `vgf-prob train --seed S` evaluates):
@@ -124,6 +125,9 @@ def _parse(text: str) -> tuple[str, Any]:
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per policy row: mean, std and standard error over seeds of the per-seed mean score."""
     keys = [(r["policy"], r["L_test"]) for r in runs[0]["rows"]]
+    for run in runs[1:]:
+        if sorted(map(str, keys)) != sorted(str((r["policy"], r["L_test"])) for r in run["rows"]):
+            raise SystemExit(f"seed {run['seed']} scored other policies than seed {runs[0]['seed']}: not the same job")
     out = []
     for policy, budget in keys:
         scores = [next(r["score"] for r in run["rows"] if (r["policy"], r["L_test"]) == (policy, budget)) for run in runs]
@@ -133,6 +137,25 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "mean": statistics.fmean(scores), "std": std, "se": std / len(scores) ** 0.5,
                     "per_seed": scores})  # fmt: skip
     return out
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """One result file from several (the same job, other seeds): seeds are independent, so runs concatenate."""
+    records = [json.loads(p.read_text()) for p in paths]
+    if len({r["dataset"] for r in records}) != 1:
+        raise SystemExit(f"--merge: the files hold different datasets: {sorted({r['dataset'] for r in records})}")
+    runs = sorted((run for r in records for run in r["runs"]), key=lambda run: run["seed"])
+    record = {"merged": [str(p) for p in paths], "dataset": records[0]["dataset"], "runs": runs,
+              "summary": summarise(runs)}  # fmt: skip
+    out.write_text(json.dumps(record, indent=1, default=float))
+    _print_summary(record["summary"])
+    return 0
+
+
+def _print_summary(summary: list[dict[str, Any]]) -> None:
+    for row in summary:
+        print(f"{row['policy']:32s} L={row['L_test']!s:4s} {row['mean']:6.1f} ± {row['std']:.1f} (se {row['se']:.1f}; "
+              f"per seed {' '.join(f'{s:.1f}' for s in row['per_seed'])})", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--normalize-obs", action="store_true", help="VGF on standardised observations")
     parser.add_argument("--probes", action="store_true", help="measure the hypotheses (main_job_search.md)")
     parser.add_argument("--out", type=Path, required=True, help="JSON results file")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="no training: summarise the runs of these result files (seeds run apart) into --out")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(1)
     from vgf_prob.rl.peers import _quiet_d3rlpy, load_dataset, train_peer
 
@@ -175,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             record["summary"] = summarise(record["runs"])
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(record, indent=1, default=float))
-            for row in record["summary"]:
-                print(f"{row['policy']:32s} L={row['L_test']!s:4s} {row['mean']:6.1f} ± {row['std']:.1f} "
-                      f"(per seed {' '.join(f'{s:.1f}' for s in row['per_seed'])})", flush=True)  # fmt: skip
+            _print_summary(record["summary"])
     return 0
 
 
