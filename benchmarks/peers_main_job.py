@@ -145,6 +145,9 @@ def merge(paths: list[Path], out: Path) -> int:
     if len({r["dataset"] for r in records}) != 1:
         raise SystemExit(f"--merge: the files hold different datasets: {sorted({r['dataset'] for r in records})}")
     runs = sorted((run for r in records for run in r["runs"]), key=lambda run: run["seed"])
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: a seed appears twice ({seeds}): each seed once")
     record = {"merged": [str(p) for p in paths], "dataset": records[0]["dataset"], "runs": runs,
               "summary": summarise(runs)}  # fmt: skip
     out.write_text(json.dumps(record, indent=1, default=float))
