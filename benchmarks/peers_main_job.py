@@ -152,7 +152,35 @@ def merge(paths: list[Path], out: Path) -> int:
               "summary": summarise(runs)}  # fmt: skip
     out.write_text(json.dumps(record, indent=1, default=float))
     _print_summary(record["summary"])
+    plot(record["summary"], out.with_suffix(".png"), f"{record['dataset']}: {len(runs)} seeds, mean ± s.e.")
     return 0
+
+
+def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Score against L_test: VGF (L_test 0 = best-of-N) and best-of-M at matched cost, mean ± s.e. over seeds;
+    the BC reference and every peer as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    vgf = sorted((r["L_test"], r["mean"], r["se"]) for r in summary if r["policy"] in ("VGF", "best-of-N"))
+    ax.errorbar(*zip(*[(b, m) for b, m, _ in vgf]), yerr=[e for *_, e in vgf], marker="o", capsize=3, label="VGF")
+    matched = sorted((int(r["policy"].rsplit("=", 1)[1]), r["mean"], r["se"]) for r in summary
+                     if r["policy"].startswith("best-of-N matched"))  # fmt: skip
+    if matched:
+        ax.errorbar(*zip(*[(b, m) for b, m, _ in matched]), yerr=[e for *_, e in matched], marker="s", capsize=3,
+                    linestyle="--", label="best-of-M at VGF's cost")  # fmt: skip
+    for i, r in enumerate(r for r in summary if r["L_test"] is None):
+        ax.axhline(r["mean"], color=f"C{i + 2}", linestyle=":", label=f"{r['policy']} {r['mean']:.1f}")
+    ax.set_xlabel("L_test (flow steps at test time)")
+    ax.set_ylabel("score (0 random, 100 scripted expert)")
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _print_summary(summary: list[dict[str, Any]]) -> None:
@@ -176,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", action="store_true", help="measure the hypotheses (main_job_search.md)")
     parser.add_argument("--out", type=Path, required=True, help="JSON results file")
     parser.add_argument("--merge", type=Path, nargs="+",
-                        help="no training: summarise the runs of these result files (seeds run apart) into --out")  # fmt: skip
+                        help="no training: summarise the runs of these files (seeds run apart) into --out and a PNG beside it")  # fmt: skip
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
