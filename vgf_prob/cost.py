@@ -10,7 +10,9 @@ Every count is in rows, one row being one (state, particle) pair through a netwo
   is one pass; an ODE sampler counts every evaluation of its velocity);
 - ``particles``: particles drawn or moved (N per state per flow);
 - ``states``: states served (actions chosen, or clouds moved) by the outermost timed calls;
-- ``wall_s``: host wall time of the outermost timed calls (on CUDA, synchronise before reading it).
+- ``wall_s``: host wall time of the outermost timed calls (on CUDA, synchronise before reading it);
+- ``cpu_s``: this process's CPU time in those calls (with one torch thread, the work without the waits for other
+  processes: the number to compare on a shared machine).
 
 **Critic-pass equivalents** put them on one axis: a reference pass is 1, a value evaluation 1, a value-gradient
 evaluation 2 (a forward and a backward),
@@ -54,6 +56,7 @@ class Cost:
     states: int = 0
     calls: int = 0
     wall_s: float = 0.0
+    cpu_s: float = 0.0
     _depth: int = field(default=0, repr=False, compare=False)
 
     @property
@@ -67,7 +70,8 @@ class Cost:
         if self.states == 0:
             raise ValueError("no timed call served a state while this meter was active: nothing to divide by")
         row = {name: getattr(self, name) / self.states for name in COUNTERS}
-        return {**row, "passes": self.passes / self.states, "ms": 1e3 * self.wall_s / self.states}
+        return {**row, "passes": self.passes / self.states, "ms": 1e3 * self.wall_s / self.states,
+                "cpu_ms": 1e3 * self.cpu_s / self.states}
 
     def to_dict(self) -> dict[str, float]:
         """The totals, the critic-pass equivalents and the per-state figures (``*_per_state``), JSON-ready."""
@@ -112,21 +116,22 @@ class TimedCall:
 @contextlib.contextmanager
 def timed() -> Iterator[TimedCall]:
     """Mark one operator or agent call: each active meter for which this is the outermost timed call adds the
-    block's wall time, one call and the handle's ``states``."""
+    block's wall and CPU time, one call and the handle's ``states``."""
     meters = _ACTIVE.get()
     outermost = [meter for meter in meters if meter._depth == 0]
     for meter in meters:
         meter._depth += 1
     call = TimedCall()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         yield call
     finally:
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         for meter in meters:
             meter._depth -= 1
         for meter in outermost:
             meter.wall_s += elapsed
+            meter.cpu_s += cpu
             meter.calls += 1
             meter.states += call.states
 

@@ -34,8 +34,8 @@ from vgf_prob.rl.aggregate import iqm_with_ci
 from vgf_prob.rl.evaluate import evaluate
 
 OPERATORS = ("best-of-N", "VGF", "GradStep", "SMC")
-COST_COLUMNS = ("passes_per_action", "ms_per_action", "reference_passes_per_action", "value_evaluations_per_action",
-                "value_gradient_evaluations_per_action", "particles_per_action")  # fmt: skip
+COST_COLUMNS = ("passes_per_action", "ms_per_action", "cpu_ms_per_action", "reference_passes_per_action",
+                "value_evaluations_per_action", "value_gradient_evaluations_per_action", "particles_per_action")  # fmt: skip
 EPISODE_Z = 1.959963984540054  # the normal 97.5 % quantile: a 95 % interval of the episode mean
 
 
@@ -122,8 +122,8 @@ def frontier_rows(
     ``env_kwargs`` go to the environments. A row has the evaluation
     schema's columns (policy, budget, budget_type, score, score_std, mean_return, return_std, episodes,
     score_kind), the episode interval ``score_low``/``score_high`` (mean ± 1.96 standard errors), the
-    operator, N, ``run`` and `COST_COLUMNS` (per action: critic-pass equivalents, host milliseconds inside the
-    act calls, rows by kind).
+    operator, N, ``run`` and `COST_COLUMNS` (per action: critic-pass equivalents, wall and CPU milliseconds
+    inside the act calls, rows by kind).
     """
     rows = []
     for setting in settings:
@@ -143,7 +143,8 @@ def frontier_rows(
             "score_low": None if half is None else result.score - half,
             "score_high": None if half is None else result.score + half,
             **{f"{name}_per_action": per_action[name] for name in
-               ("passes", "ms", "reference_passes", "value_evaluations", "value_gradient_evaluations", "particles")},
+               ("passes", "ms", "cpu_ms", "reference_passes", "value_evaluations", "value_gradient_evaluations",
+                "particles")},
         })  # fmt: skip
     return rows
 
@@ -174,8 +175,9 @@ def aggregate_frontier(rows: Sequence[Mapping[str, Any]], reps: int = 2000, seed
 
 
 def plot_frontier(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "test-time compute frontier") -> Path:
-    """Score (with its interval) against critic-pass equivalents per action and against ms per action, both on a
-    log x axis, one line per operator (best-of-N along N, the flows along L_test); written to ``path``."""
+    """Score (with its interval) against critic-pass equivalents per action and against CPU ms per action (process
+    time in the act calls: steady on a shared machine, where wall time is not), both on a log x axis, one line
+    per operator (best-of-N along N, the flows along L_test); written to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +185,7 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], path: str | Path, title: st
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for axis, column, name in ((axes[0], "passes_per_action", "critic-pass equivalents per action"),
-                               (axes[1], "ms_per_action", "ms per action")):  # fmt: skip
+                               (axes[1], "cpu_ms_per_action", "CPU ms per action")):  # fmt: skip
         for operator in OPERATORS:
             line = sorted((row for row in rows if row["operator"] == operator), key=lambda row: row[column])
             if not line:
@@ -265,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _, table = frontier_from_runs(args.runs, settings, num_episodes=args.episodes, seed=args.seed, out=args.out)
     for row in table:
         print(f"{row['label']:<24} score {row['score']:7.2f} [{row['score_low']:7.2f}, {row['score_high']:7.2f}]  "
-              f"passes/action {row['passes_per_action']:7.1f}  ms/action {row['ms_per_action']:6.2f}")
+              f"passes/action {row['passes_per_action']:7.1f}  ms/action {row['ms_per_action']:6.2f}  "
+              f"CPU ms/action {row['cpu_ms_per_action']:6.2f}")
 
 
 def load_run(run_dir: str | Path) -> tuple[Any, dict[str, Any], Path]:
