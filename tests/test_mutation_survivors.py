@@ -39,7 +39,8 @@ def test_as_value_probe_compares_two_states_with_different_observations():
     assert torch.allclose(q, (obs[:, None, :] * actions).sum(-1))
 
 
-@pytest.mark.parametrize("critic_dtype, actions_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("critic_dtype, actions_dtype",
+                         [(torch.float64, torch.float32), (torch.float32, torch.float64)])
 def test_as_value_returns_the_actions_dtype(critic_dtype, actions_dtype):
     """Inputs are cast to the critic's dtype and the result back to the actions'. (Mutation:
     as-value-result-not-cast-back.)"""
@@ -72,8 +73,9 @@ def test_ode_box_wall_does_not_spend_the_displacement_budget(method):
     the particle would spend budget outside the box: a2 = 0.5 / sqrt(2) = 0.354. (Mutation:
     ode-outward-velocity-kept.)"""
     x0 = torch.tensor([[[0.9, 0.0]]], dtype=torch.float64)
-    flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.ODESolver(method, step_size=0.01),
-                                 budget=vgf.DisplacementBudget(0.5) & vgf.StepBudget(100), projection=vgf.BoxProjection())
+    budget = vgf.DisplacementBudget(0.5) & vgf.StepBudget(100)
+    flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.ODESolver(method, step_size=0.01), budget=budget,
+                                 projection=vgf.BoxProjection())
     out = flow(x0, None, lambda obs, a: a.sum(-1))
     assert out.particles[0, 0, 0].item() == pytest.approx(1.0, abs=1e-3)
     assert out.particles[0, 0, 1].item() == pytest.approx(math.sqrt(0.24), abs=0.01)

@@ -120,7 +120,8 @@ def test_early_stop_of_a_discrete_flow_is_a_host_read():
         calls.append(1)
         return actions.sum(-1)
 
-    flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(1.0), budget=vgf.DisplacementBudget(0.1) & vgf.StepBudget(10))
+    budget = vgf.DisplacementBudget(0.1) & vgf.StepBudget(10)
+    flow = vgf.ValueGradientFlow(vgf.ValueGradient(), vgf.Euler(1.0), budget=budget)
     flow(torch.zeros(2, 1, 1), None, counting_value)
     allowed = len(calls)
     calls.clear()
