@@ -30,7 +30,7 @@ from torch.func import functional_call, jacfwd, jvp, vmap
 from torchdiffeq import odeint
 from torchdiffeq._impl.odeint import SOLVERS
 
-from vgf_prob import fast
+from vgf_prob import cost, fast
 
 from .networks import ConditionalMLP, check_obs
 
@@ -381,8 +381,9 @@ class FlowMatchingDistribution(_MomentsByMonteCarlo, TorchDistribution):
                     if path is not None:
                         path.append(x)
                     x = x.add(velocity(context, x, t), alpha=dt)
+                    cost.count(reference_passes=math.prod(lead))
         else:
-            field = partial(_ode_field, velocity, context)
+            field = partial(_ode_field, _counted(velocity), context)
             x = odeint(field, x, self._time_grid(0.0, 1.0), method=spec.method, **spec.ode_options)[-1]
         if spec.clip:
             x = torch.clamp(x, self.action_low, self.action_high)
@@ -407,6 +408,7 @@ class FlowMatchingDistribution(_MomentsByMonteCarlo, TorchDistribution):
             hidden = encoded_t.expand(*lead, width).reshape(rows, width).addmm(
                 x.expand(*lead, action_dim).reshape(rows, action_dim).to(dtype), action_weight_t)
             x = x.add(fast.run_packed_steps(steps, hidden).view(*lead, action_dim), alpha=dt)
+            cost.count(reference_passes=rows)
         return x
 
     # ---------------------------------------------------------------------------------------------- density
@@ -569,6 +571,17 @@ class FlowMatchingDistribution(_MomentsByMonteCarlo, TorchDistribution):
 
 def _ode_field(velocity: Callable[[Tensor, Tensor, Tensor], Tensor], context: Tensor, t: Tensor, x: Tensor) -> Tensor:
     return velocity(context, x, t)
+
+
+def _counted(velocity: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``velocity`` that adds its rows to the active cost meters as reference passes (`vgf_prob.cost`)."""
+
+    def counted(context: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        v = velocity(context, x, t)
+        cost.count(reference_passes=v.shape[:-1].numel())
+        return v
+
+    return counted
 
 
 def _standard_normal_log_prob(x: Tensor) -> Tensor:

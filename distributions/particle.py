@@ -13,6 +13,8 @@ from pyro.distributions import Empirical, constraints
 from torch import Tensor
 from torch.distributions import Distribution
 
+from vgf_prob.cost import Cost
+
 SELECTION_RULES = ("argmax", "softmax", "uniform")
 
 
@@ -74,7 +76,9 @@ class ParticlePolicy(Empirical):
     dims to 1); it needs distinct particles within a state, so that the enumerated masses sum to 1.
     ``select`` turns the cloud into one action per state: ``argmax`` of a value over particles (how VGF
     acts), ``softmax`` sampling with probabilities ∝ exp(Q / temperature), or ``uniform`` sampling.
-    ``reference_particles`` is the cloud the flow started from and ``report`` what the flow spent.
+    ``reference_particles`` is the cloud the flow started from (after SMC resampling, each particle's own
+    origin), ``report`` what the flow spent per state, and ``cost`` what the call cost in network passes and
+    wall time (a `vgf_prob.cost.Cost`).
     """
 
     support = constraints.independent(constraints.real, 1)
@@ -86,6 +90,7 @@ class ParticlePolicy(Empirical):
         reference_particles: Tensor | None = None,
         report: TransportReport | None = None,
         validate_args: bool | None = None,
+        cost: Cost | None = None,
     ) -> None:
         if particles.dim() < 2:
             raise ValueError(f"particles must have shape [*batch, N, A]; got {tuple(particles.shape)}")
@@ -100,6 +105,7 @@ class ParticlePolicy(Empirical):
             super().__init__(particles, log_weights, validate_args=validate_args)
         self.reference_particles = reference_particles
         self.report = report
+        self.cost = cost
 
     @property
     def particles(self) -> Tensor:
@@ -131,7 +137,7 @@ class ParticlePolicy(Empirical):
         )
         report = None if self.report is None else self.report.expand(batch_shape)
         return ParticlePolicy(particles, self._log_weights.expand(batch_shape + self._log_weights.shape[-1:]),
-                              reference, report, validate_args=self._validate_args)
+                              reference, report, validate_args=self._validate_args, cost=self.cost)
 
     def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
         return super().sample(torch.Size(sample_shape))

@@ -24,6 +24,7 @@ from torchdiffeq._impl.solvers import FixedGridODESolver
 from vgf_prob.validation import host_reads_allowed, is_validation_enabled
 
 from .fields import ValueFn, VelocityField
+from .resampling import take_particles
 
 FIXED_GRID_METHODS = frozenset(name for name, cls in ODE_METHODS.items() if issubclass(cls, FixedGridODESolver))
 """torchdiffeq's fixed-grid methods: they step by ``options['step_size']``, which ODESolver sets to its step_size."""
@@ -49,6 +50,9 @@ class Constraint(Protocol):
 
     def outward_velocity(self, x: Tensor, velocity: Tensor) -> Tensor:
         """Bool like x: velocity components that push a particle out of the box."""
+
+    def before_step(self, x: Tensor) -> Tensor | None:
+        """Ancestor indices [B, N] to resample the cloud by before the next discrete step (SMC), or None."""
 
 
 @dataclass
@@ -102,6 +106,10 @@ class DiscreteSolver:
         for step in range(max_steps):
             if reads and not bool(active.any()):
                 break  # every state has spent its budget (a host read)
+            ancestors = constraint.before_step(x)
+            if ancestors is not None:  # SMC: a particle takes its ancestor's position, origin and solver state
+                x, x0 = take_particles(x, ancestors), take_particles(x0, ancestors)
+                state = {key: take_particles(moment, ancestors) for key, moment in state.items()}
             velocity = field(obs, x, value)
             if checks:
                 check_finite_velocity(velocity)

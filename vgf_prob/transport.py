@@ -24,11 +24,13 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from vgf_prob.budget import Budget, StepBudget, as_budget, displacement, unlimited_steps_error
+from vgf_prob.cost import CountingValue, count, measure, timed
 from vgf_prob.distributions.particle import SELECTION_RULES, ParticlePolicy, TransportReport
 from vgf_prob.flows.fields import VelocityField
-from vgf_prob.flows.solvers import SolveResult
+from vgf_prob.flows.resampling import BoltzmannResampling, ResamplingRun, take_particles
+from vgf_prob.flows.solvers import DiscreteSolver, SolveResult
 from vgf_prob.validation import is_validation_enabled
-from vgf_prob.values import AGGREGATIONS, HeadAggregation, ValueCallable, evaluate
+from vgf_prob.values import AGGREGATIONS, HeadAggregation, ValueCallable
 
 Reference = Callable[[Tensor], Distribution] | Distribution | Tensor | ParticlePolicy
 
@@ -96,8 +98,9 @@ class _FlowConstraint:
     """Adapts a budget and a projection to the solvers' ``Constraint`` protocol for one flattened batch."""
 
     def __init__(self, budget: Budget, projection: BoxProjection | None, batch_shape: torch.Size,
-                 x0: Tensor, max_steps: int | None) -> None:
+                 x0: Tensor, max_steps: int | None, resampling: ResamplingRun | None = None) -> None:
         self.budget, self.projection, self.batch_shape = budget, projection, batch_shape
+        self.resampling = resampling
         steps = budget.step_limits(batch_shape, x0)
         if steps is None:
             if max_steps is None:
@@ -125,6 +128,9 @@ class _FlowConstraint:
             return torch.zeros_like(x, dtype=torch.bool)
         return self.projection.outward(x, velocity)
 
+    def before_step(self, x: Tensor) -> Tensor | None:
+        return None if self.resampling is None else self.resampling.before_step(x)
+
 
 @dataclass(frozen=True)
 class ValueGradientFlow:
@@ -146,6 +152,11 @@ class ValueGradientFlow:
     flow reads nothing back from the device. The starting particles are projected too, so
     every returned particle lies in the box, at L = 0 included. Particles move; the value's parameters never
     get a gradient.
+
+    ``resampling`` (a `BoltzmannResampling`, discrete solvers only) makes the flow sequential Monte Carlo: the
+    cloud is weighted by exp(Q / alpha) and resampled before every step, and the result carries the last
+    weights as its ``log_weights``. Every result carries its ``cost`` (`vgf_prob.cost`): value and
+    value-gradient evaluations counted at the value, reference passes counted in the sampler, wall time.
     """
 
     field: VelocityField
@@ -155,9 +166,15 @@ class ValueGradientFlow:
     aggregation: str = "mean"
     target_aggregation: str = "min"
     max_steps: int | None = None
+    resampling: BoltzmannResampling | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", as_budget(self.budget))
+        if self.resampling is not None and not isinstance(self.solver, DiscreteSolver):
+            raise ValueError(
+                f"resampling happens between discrete steps; {type(self.solver).__name__} is not a DiscreteSolver "
+                "(use Euler or ParticleAdam)"
+            )
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be non-negative, got {self.max_steps}")
         for name in ("aggregation", "target_aggregation"):
@@ -193,13 +210,15 @@ class ValueGradientFlow:
         """One action per state, ``[*B, A]``: the flow (under ``budget``, default the operator's), then ``rule``
         over the moved particles scored by ``value`` with heads combined by ``target_aggregation``: ``argmax``
         (how VGF acts), ``softmax`` (probabilities ∝ exp(Q / temperature)) or ``uniform``. ``budget=0`` is
-        best-of-N. No graph is returned."""
+        best-of-N, at any ``num_particles`` per call. No graph is returned."""
         if rule not in SELECTION_RULES:
             raise ValueError(f"unknown selection rule {rule!r}; expected one of {SELECTION_RULES}")
         flow = self if budget is None else self.with_budget(budget)
-        policy, obs = flow._transport(reference, obs, value, num_particles, generator)
-        scores = None if rule == "uniform" else evaluate(value, obs, policy.particles, self.target_aggregation)
-        return policy.select(rule, scores=scores, temperature=temperature, generator=generator)
+        with timed() as call:
+            policy, obs = flow._transport(reference, obs, value, num_particles, generator)
+            call.states = policy.batch_shape.numel()
+            scores = None if rule == "uniform" else _score(value, obs, policy.particles, self.target_aggregation)
+            return policy.select(rule, scores=scores, temperature=temperature, generator=generator)
 
     def next_value(
         self,
@@ -212,19 +231,24 @@ class ValueGradientFlow:
         budget: Budget | int | float | Tensor | None = None,
         reduction: str = "mean",
         generator: torch.Generator | None = None,
-    ) -> Tensor:
+        return_policy: bool = False,
+    ) -> Tensor | tuple[Tensor, ParticlePolicy]:
         """V(s') for the TD target y = r + gamma * mask * V(s'), ``[*B]``, without a graph.
 
         N particles from ``reference`` at ``next_obs`` are moved by the flow of the ONLINE ``value`` (heads by
         ``aggregation``) under ``budget`` (default the operator's: L_train), then scored by ``target_value``
         (the target critic) with heads by ``target_aggregation`` and reduced over particles by ``reduction``:
-        ``"mean"`` (the authors'), or ``"max"``."""
+        ``"mean"`` (the authors'), or ``"max"``. ``return_policy=True`` returns ``(V, moved cloud)``, for logging
+        what the flow spent."""
         if reduction not in PARTICLE_REDUCTIONS:
             raise ValueError(f"unknown particle reduction {reduction!r}; expected one of {PARTICLE_REDUCTIONS}")
         flow = self if budget is None else self.with_budget(budget)
-        policy, next_obs = flow._transport(reference, next_obs, value, num_particles, generator)
-        q = evaluate(target_value, next_obs, policy.particles, self.target_aggregation)
-        return q.mean(-1) if reduction == "mean" else q.amax(-1)
+        with timed() as call:
+            policy, next_obs = flow._transport(reference, next_obs, value, num_particles, generator)
+            call.states = policy.batch_shape.numel()
+            q = _score(target_value, next_obs, policy.particles, self.target_aggregation)
+        v = q.mean(-1) if reduction == "mean" else q.amax(-1)
+        return (v, policy) if return_policy else v
 
     def _transport(
         self,
@@ -234,21 +258,36 @@ class ValueGradientFlow:
         num_particles: int | None,
         generator: torch.Generator | None,
     ) -> tuple[ParticlePolicy, Tensor | None]:
-        """The flow's result and obs as the flow used them (cast to the particles' dtype)."""
+        """The flow's result (with its `Cost`) and obs as the flow used them (cast to the particles' dtype)."""
         _check_obs(obs)
-        origin, x0 = self._initial_particles(reference, obs, num_particles, generator)
+        with measure() as cost, timed() as call:
+            origin, x0 = self._initial_particles(reference, obs, num_particles, generator)
+            batch_shape = x0.shape[:-2]
+            _check_particles(x0)
+            call.states = batch_shape.numel()
+            count(particles=x0.shape[:-1].numel())
+            obs = _match_obs(obs, x0)
+            if self.projection is not None:
+                x0 = self.projection(x0)
+            origin = x0 if origin is None else origin
+            policy = self._solve(obs, x0, origin, value, generator)
+        policy.cost = cost
+        return policy, obs
+
+    def _solve(self, obs: Tensor | None, x0: Tensor, origin: Tensor, value: ValueCallable,
+               generator: torch.Generator | None) -> ParticlePolicy:
+        """Run the solver on the flattened batch (with SMC resampling when set) and build the result."""
         batch_shape = x0.shape[:-2]
-        _check_particles(x0)
-        obs = _match_obs(obs, x0)
-        if self.projection is not None:
-            x0 = self.projection(x0)
-        origin = x0 if origin is None else origin
         flat_obs = _flatten_obs(obs, batch_shape)
         flat_x0 = x0.reshape(-1, *x0.shape[-2:])
-        constraint = _FlowConstraint(self.budget, self.projection, batch_shape, flat_x0, self.max_steps)
-        aggregated = HeadAggregation(value, self.aggregation)
+        aggregated = CountingValue(HeadAggregation(value, self.aggregation))
+        run = None if self.resampling is None else self.resampling.start(flat_obs, flat_x0, aggregated, generator)
+        constraint = _FlowConstraint(self.budget, self.projection, batch_shape, flat_x0, self.max_steps, run)
         result = self.solver(self.field, flat_obs, flat_x0, aggregated, constraint)
-        x = result.particles
+        x, log_weights, flat_origin = result.particles, None, origin.reshape(flat_x0.shape)
+        if run is not None:  # each particle's own origin, and the last weighting's log-weights
+            flat_x0, flat_origin = take_particles(flat_x0, run.lineage), take_particles(flat_origin, run.lineage)
+            log_weights = run.finish(x).reshape(x0.shape[:-1])
         spent = {b.name: b.spent(flat_x0, x) for b in self.budget.parts() if b.name != "steps"}
         report = TransportReport(
             steps=result.steps,
@@ -256,8 +295,8 @@ class ValueGradientFlow:
             exhausted=result.exhausted,
             budget_spent=spent,
         ).reshape(batch_shape)
-        policy = ParticlePolicy(x.reshape(x0.shape), reference_particles=origin, report=report)
-        return policy, obs
+        return ParticlePolicy(x.reshape(x0.shape), log_weights, reference_particles=flat_origin.reshape(x0.shape),
+                              report=report)
 
     def _initial_particles(
         self, reference: Reference, obs: Tensor | None, num_particles: int | None, generator: torch.Generator | None
@@ -289,6 +328,12 @@ class ValueGradientFlow:
 
 
 PARTICLE_REDUCTIONS = ("mean", "max")
+
+
+def _score(value: ValueCallable, obs: Tensor | None, particles: Tensor, aggregation: str) -> Tensor:
+    """Q of every particle, heads by ``aggregation``, ``[*B, N]``, without a graph; counted as value evaluations."""
+    with torch.no_grad():
+        return CountingValue(HeadAggregation(value, aggregation))(obs, particles)
 
 
 def _call_reference(reference: Callable[[Tensor], Distribution], obs: Tensor | None) -> Distribution:

@@ -25,15 +25,17 @@ from torch import Tensor, nn
 
 from vgf_prob import fast
 from vgf_prob.budget import Budget, StepBudget, as_budget
+from vgf_prob.cost import timed
 from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
 from vgf_prob.distributions.gaussian import GaussianPolicy
-from vgf_prob.distributions.particle import ParticlePolicy, gather_particles
-from vgf_prob.flows import AmortizedGradient, ParticleAdam, SteinField, action_gradient
+from vgf_prob.distributions.particle import ParticlePolicy
+from vgf_prob.flows import AmortizedGradient, ParticleAdam, SteinField, VelocityField, action_gradient
+from vgf_prob.flows.resampling import BoltzmannResampling
 from vgf_prob.rl.config import VGFConfig
 from vgf_prob.rl.networks import AmortizedGradientNetwork, EnsembleCritic
 from vgf_prob.transport import BoxProjection, ValueGradientFlow
 from vgf_prob.validation import host_reads, is_validation_enabled
-from vgf_prob.values import HeadAggregation, evaluate
+from vgf_prob.values import HeadAggregation
 
 BATCH_KEYS = ("observations", "actions", "rewards", "next_observations", "masks")
 ParticleFn = Callable[[Tensor | None, Tensor], Tensor]
@@ -135,30 +137,45 @@ class VGFAgent(nn.Module):
             particles = self.reference(obs).sample_particles(num_particles, generator=generator)
         return particles.to(obs.dtype)
 
+    def flow(
+        self,
+        obs: Tensor,
+        budget: Budget | int,
+        *,
+        field: VelocityField | None = None,
+        resampling: BoltzmannResampling | None = None,
+    ) -> ValueGradientFlow:
+        """The operator this agent acts and bootstraps with at the states ``obs``: ParticleAdam(vgf_lr) on
+        ``field`` (default the Stein field, or f(s, x) for the amortised variant), heads by
+        ``config.flow_aggregation`` for the flow and ``config.target_aggregation`` for values, clipped to the box
+        [-1, 1]. ``field=ValueGradient()`` is plain value-gradient ascent (GradStep); ``resampling`` makes the flow
+        sequential Monte Carlo."""
+        if field is None:
+            field = self.stein_field if self.amortized is None else AmortizedGradient(self.particle_fn(self.amortized, obs))
+        return ValueGradientFlow(
+            field,
+            self.solver,
+            budget=budget,
+            projection=self.projection,
+            aggregation=self.config.flow_aggregation,
+            target_aggregation=self.config.target_aggregation,
+            resampling=resampling,
+        )
+
     def transport(
         self,
         obs: Tensor,
         budget: Budget | int,
         generator: torch.Generator | None = None,
     ) -> tuple[ParticlePolicy, ParticleFn]:
-        """Draw N particles per state from mu and move them under ``budget`` with the online critic.
+        """Draw N particles per state from mu and move them under ``budget`` with the online critic (`flow`).
 
         Returns the resulting `ParticlePolicy` and the critic's ``fn(obs, x) -> [B, N, H]`` (with its cached
-        state encoding, for scoring the particles). The flow is ParticleAdam(vgf_lr) on the Stein field of
-        the critic's heads combined by ``config.flow_aggregation`` (the authors: mean), or on f(s, x) for the
-        amortised variant, clipped to the action box [-1, 1].
+        state encoding, for scoring the particles).
         """
         critic_fn = self.particle_fn(self.critic, obs)
-        field = self.stein_field if self.amortized is None else AmortizedGradient(self.particle_fn(self.amortized, obs))
-        flow = ValueGradientFlow(
-            field,
-            self.solver,
-            budget=budget,
-            projection=self.projection,
-            aggregation=self.config.flow_aggregation,
-        )
         start = self.reference_particles(obs, self.config.num_particles, generator)
-        return flow(start, obs, critic_fn), critic_fn
+        return self.flow(obs, budget)(start, obs, critic_fn), critic_fn
 
     # ------------------------------------------------------------------ losses
     def td_target(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> TensorInfo:
@@ -169,9 +186,10 @@ class VGFAgent(nn.Module):
         """
         next_obs = batch["next_observations"]
         with torch.no_grad():
-            policy, _ = self.transport(next_obs, self.train_budget, generator)
-            target_fn = self.particle_fn(self.target_critic, next_obs)
-            next_q = evaluate(target_fn, next_obs, policy.particles, self.config.target_aggregation).mean(-1)
+            start = self.reference_particles(next_obs, self.config.num_particles, generator)
+            next_q, policy = self.flow(next_obs, self.train_budget).next_value(
+                start, next_obs, self.particle_fn(self.critic, next_obs), self.particle_fn(self.target_critic, next_obs),
+                return_policy=True)
             target = batch["rewards"] + self.config.discount * batch["masks"] * next_q
         info = {"target_q": target.mean(), "next_q": next_q.mean(), "flow_displacement": policy.report.displacement.mean()}
         return target, info
@@ -252,25 +270,34 @@ class VGFAgent(nn.Module):
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def act(
-        self, obs: Tensor, budget: Budget | int | None = None, generator: torch.Generator | None = None
+        self,
+        obs: Tensor,
+        budget: Budget | int | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        num_particles: int | None = None,
+        field: VelocityField | None = None,
+        resampling: BoltzmannResampling | None = None,
     ) -> Tensor:
-        """argmax_i Q(s, x_i) over N reference particles moved by the flow under ``budget``.
+        """argmax_i Q(s, x_i) over N reference particles moved by the flow under ``budget`` (`flow`'s ``act``).
 
         ``obs`` is ``[B, O]`` (or one ``[O]`` observation, giving ``[A]``); ``budget`` an int step count
-        or any `vgf_prob.budget.Budget` (default ``config.test_budget``). The flow's heads are combined by
+        or any `vgf_prob.budget.Budget` (default ``config.test_budget``); ``num_particles`` N for this call
+        (default ``config.num_particles``; with ``budget=0`` this is best-of-N at any N); ``field`` and
+        ``resampling`` pick another test-time operator (`flow`). The flow's heads are combined by
         ``config.flow_aggregation``, the choice's by ``config.target_aggregation`` (as in the TD target). The
-        critic receives no gradient.
+        critic receives no gradient. Its cost is counted by any active `vgf_prob.cost.measure` meter.
         """
         obs, single = self._prepare_obs(obs)
         budget = as_budget(self.config.acting_budget if budget is None else budget)
-        if _takes_no_steps(budget):  # best-of-N: the flow is the identity, so its machinery is skipped
-            particles = self.reference_particles(obs, self.config.num_particles, generator)
-            critic_fn = self.particle_fn(self.critic, obs)
-        else:
-            policy, critic_fn = self.transport(obs, budget, generator)
-            particles = policy.particles
-        scores = evaluate(critic_fn, obs, particles, self.config.target_aggregation)
-        actions = gather_particles(particles, scores.argmax(-1))
+        num_particles = self.config.num_particles if num_particles is None else num_particles
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
+        with timed() as call:
+            call.states = obs.shape[0]
+            start = self.reference_particles(obs, num_particles, generator)
+            flow = self.flow(obs, budget, field=field, resampling=resampling)
+            actions = flow.act(start, obs, self.particle_fn(self.critic, obs), generator=generator)
         if is_validation_enabled() and not torch.isfinite(actions).all():
             raise ValueError("the chosen actions contain NaN or inf: the BC reference or the critic produced them")
         return actions[0] if single else actions
@@ -403,11 +430,6 @@ class VGFAgent(nn.Module):
             bad = [key for key, t in tensors.items() if not torch.isfinite(t).all()]
             raise ValueError(f"batch contains NaN or infinite values in {bad}")
         return tensors
-
-
-def _takes_no_steps(budget: Budget) -> bool:
-    """Whether ``budget`` is a plain step budget of 0 for every state (acting is then best-of-N)."""
-    return isinstance(budget, StepBudget) and not isinstance(budget.steps, Tensor) and budget.steps == 0
 
 
 __all__ = ["BATCH_KEYS", "VGFAgent"]
