@@ -187,14 +187,17 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], path: str | Path, title: st
     for axis, column, name in ((axes[0], "passes_per_action", "critic-pass equivalents per action"),
                                (axes[1], "cpu_ms_per_action", "CPU ms per action")):  # fmt: skip
         for operator in OPERATORS:
-            line = sorted((row for row in rows if row["operator"] == operator), key=lambda row: row[column])
+            # along the operator's own knob (N, then L_test): a noisy time axis shows as a path that turns back
+            line = sorted((row for row in rows if row["operator"] == operator),
+                          key=lambda row: (row["num_particles"], row["budget"]))
             if not line:
                 continue
             x = [row[column] for row in line]
             y = [row["score"] for row in line]
-            axis.plot(x, y, marker="o", label=operator)
+            bars = None
             if all(row.get("score_low") is not None for row in line):
-                axis.fill_between(x, [row["score_low"] for row in line], [row["score_high"] for row in line], alpha=0.15)
+                bars = [[v - row["score_low"] for v, row in zip(y, line)], [row["score_high"] - v for v, row in zip(y, line)]]
+            axis.errorbar(x, y, yerr=bars, marker="o", capsize=3, label=operator)
         axis.set_xscale("log")
         axis.set_xlabel(name)
         axis.grid(True, which="both", alpha=0.3)
