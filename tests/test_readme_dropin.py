@@ -78,3 +78,27 @@ def test_the_plain_expression_the_readme_replaced_is_the_trap():
     exec(compile(readme_snippet(), "README.md", "exec"), namespace)  # noqa: S102
     plain = namespace["reward"] + namespace["not_done"] * namespace["discount"] * namespace["next_v"]
     assert plain.shape == (B, B)
+
+
+def test_the_readmes_torchrl_block_runs_as_written():
+    pytest.importorskip("torchrl")
+    from tensordict import TensorDict
+    from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+    from torchrl.envs import GymEnv
+    from torchrl.modules import MLP, ValueOperator
+
+    import vgf_prob as vgf
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text[text.index("### TorchRL"):], flags=re.S).group(1)
+    torch.manual_seed(0)
+    env = GymEnv("Pendulum-v1")
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(20), batch_size=8)
+    buffer.extend(env.rollout(20))
+    qvalue = ValueOperator(MLP(in_features=4, out_features=1, num_cells=[16]), in_keys=["observation", "action"])
+    namespace = {"torch": torch, "vgf": vgf, "env": env, "obs_dim": 3, "act_dim": 1, "qvalue": qvalue,
+                 "buffer": buffer, "steps": 2}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert set(namespace["out"].keys()) >= {"loss_qvalue", "loss_bc", "target_value"}
+    action = namespace["actor"](TensorDict({"observation": torch.randn(3)}, batch_size=[]))["action"]
+    assert action.shape == (1,) and -2 <= float(action) <= 2
