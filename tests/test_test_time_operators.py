@@ -162,7 +162,7 @@ def test_agent_smc_acts_in_the_box_and_reports_resampling_cost():
     assert (cost.reference_passes, cost.value_gradient_evaluations, cost.value_evaluations) == (36, 24, 12 * 4)
 
 
-# ---------------------------------------------------------------------------------------------- the agent's public paths
+# ------------------------------------------------------------------------------------- the agent's public paths
 
 
 def old_flow(agent: VGFAgent, budget) -> ValueGradientFlow:

@@ -151,7 +151,8 @@ class VGFAgent(nn.Module):
         [-1, 1]. ``field=ValueGradient()`` is plain value-gradient ascent (GradStep); ``resampling`` makes the flow
         sequential Monte Carlo."""
         if field is None:
-            field = self.stein_field if self.amortized is None else AmortizedGradient(self.particle_fn(self.amortized, obs))
+            amortized = self.amortized
+            field = self.stein_field if amortized is None else AmortizedGradient(self.particle_fn(amortized, obs))
         return ValueGradientFlow(
             field,
             self.solver,
@@ -187,9 +188,10 @@ class VGFAgent(nn.Module):
         next_obs = batch["next_observations"]
         with torch.no_grad():
             start = self.reference_particles(next_obs, self.config.num_particles, generator)
+            critic_fn = self.particle_fn(self.critic, next_obs)
+            target_fn = self.particle_fn(self.target_critic, next_obs)
             next_q, policy = self.flow(next_obs, self.train_budget).next_value(
-                start, next_obs, self.particle_fn(self.critic, next_obs), self.particle_fn(self.target_critic, next_obs),
-                return_policy=True)
+                start, next_obs, critic_fn, target_fn, return_policy=True)
             target = batch["rewards"] + self.config.discount * batch["masks"] * next_q
         info = {"target_q": target.mean(), "next_q": next_q.mean(), "flow_displacement": policy.report.displacement.mean()}
         return target, info

@@ -24,7 +24,9 @@ def _score_matrix(scores: Sequence[float] | Sequence[Sequence[float]] | np.ndarr
     if matrix.ndim == 1:
         matrix = matrix[:, None]
     if matrix.ndim != 2 or matrix.size == 0:
-        raise ValueError(f"scores must be a non-empty [runs, tasks] matrix or a vector of runs, got shape {matrix.shape}")
+        raise ValueError(
+            f"scores must be a non-empty [runs, tasks] matrix or a vector of runs, got shape {matrix.shape}"
+        )
     if not np.isfinite(matrix).all():
         raise ValueError("scores contain NaN or inf; every run needs a finite score on every task")
     return matrix

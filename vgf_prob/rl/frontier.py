@@ -34,8 +34,10 @@ from vgf_prob.rl.aggregate import iqm_with_ci
 from vgf_prob.rl.evaluate import evaluate
 
 OPERATORS = ("best-of-N", "VGF", "GradStep", "SMC")
-COST_COLUMNS = ("passes_per_action", "ms_per_action", "cpu_ms_per_action", "reference_passes_per_action",
-                "value_evaluations_per_action", "value_gradient_evaluations_per_action", "particles_per_action")  # fmt: skip
+COST_COLUMNS = (
+    "passes_per_action", "ms_per_action", "cpu_ms_per_action", "reference_passes_per_action",
+    "value_evaluations_per_action", "value_gradient_evaluations_per_action", "particles_per_action",
+)  # fmt: skip
 EPISODE_Z = 1.959963984540054  # the normal 97.5 % quantile: a 95 % interval of the episode mean
 
 
@@ -163,7 +165,9 @@ def aggregate_frontier(rows: Sequence[Mapping[str, Any]], reps: int = 2000, seed
         cells = {(row["run"], row["env_name"]): row["score"] for row in group}
         missing = [(r, t) for r in runs for t in tasks if (r, t) not in cells]
         if missing or len(cells) != len(group):
-            raise ValueError(f"{label}: every run needs exactly one row per task; missing or repeated {missing or 'rows'}")
+            raise ValueError(
+                f"{label}: every run needs exactly one row per task; missing or repeated {missing or 'rows'}"
+            )
         iqm, low, high = iqm_with_ci([[cells[r, t] for t in tasks] for r in runs], reps=reps, seed=seed)
         first = group[0]
         table.append({
@@ -174,7 +178,9 @@ def aggregate_frontier(rows: Sequence[Mapping[str, Any]], reps: int = 2000, seed
     return table
 
 
-def plot_frontier(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "test-time compute frontier") -> Path:
+def plot_frontier(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "test-time compute frontier"
+) -> Path:
     """Score (with its interval) against critic-pass equivalents per action and against CPU ms per action (process
     time in the act calls: steady on a shared machine, where wall time is not), both on a log x axis, one line
     per operator (best-of-N along N, the flows along L_test); written to ``path``."""
@@ -196,7 +202,8 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], path: str | Path, title: st
             y = [row["score"] for row in line]
             bars = None
             if all(row.get("score_low") is not None for row in line):
-                bars = [[v - row["score_low"] for v, row in zip(y, line)], [row["score_high"] - v for v, row in zip(y, line)]]
+                bars = [[v - row["score_low"] for v, row in zip(y, line)],
+                        [row["score_high"] - v for v, row in zip(y, line)]]  # fmt: skip
             axis.errorbar(x, y, yerr=bars, marker="o", capsize=3, label=operator)
         axis.set_xscale("log")
         axis.set_xlabel(name)
@@ -236,7 +243,8 @@ def frontier_from_runs(
         timing = run.get("dataset_metadata", {}).get("success_timing")  # OGBench: as the data was labelled
         rows += frontier_rows(agent, run["env_name"], settings, num_episodes=num_episodes, seed=seed,
                               num_envs=num_envs, run=path.parent.name if path.name == "latest.pt" else path.stem,
-                              env_kwargs=None if timing is None else {"success_timing": timing}, progress=progress)  # fmt: skip
+                              env_kwargs=None if timing is None else {"success_timing": timing},
+                              progress=progress)  # fmt: skip
     table = aggregate_frontier(rows)
     if out is not None:
         folder = Path(out)
