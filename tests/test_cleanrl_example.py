@@ -59,7 +59,8 @@ def test_the_cleanrl_example_runs_offline_at_tiny_size(tmp_path):
     out = tmp_path / "results.json"
     subprocess.run(
         [sys.executable, str(SCRIPT), "--dataset-steps", "300", "--max-episode-steps", "50", "--total-timesteps", "6",
-         "--batch-size", "16", "--particles", "3", "--eval-episodes", "1", "--test-budgets", "0", "2", "--out", str(out)],
+         "--batch-size", "16", "--particles", "3", "--eval-episodes", "1", "--test-budgets", "0", "2",
+         "--out", str(out)],
         check=True, timeout=300, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     results = json.loads(out.read_text())

@@ -247,7 +247,7 @@ def test_critic_on_another_device_is_named():
         vgf.as_value(critic, layout="rows")(torch.zeros(B, OBS), torch.zeros(B, N, ACT))
 
 
-# ---------------------------------------------------------------------------------------------- critics the adapters miss
+# ------------------------------------------------------------------------------------ critics the adapters miss
 class JointCritic(nn.Module):
     """One input: q(torch.cat([obs, act], -1)) -> [M, 1] (an MLP on the joint vector)."""
 
@@ -340,7 +340,8 @@ def test_td_target_keeps_the_rewards_shape(setting, shape):
 def test_td_target_refuses_shapes_that_would_broadcast_to_a_square():
     next_v = torch.randn(B)
     assert (torch.randn(B, 1) + next_v).shape == (B, B)  # the silent trap of the plain expression
-    with pytest.raises(ValueError, match=r"reward has shape \[1, 4\] but next_value has \[4\]; expected \[4\] or \[4, 1\]"):
+    with pytest.raises(ValueError, match=r"reward has shape \[1, 4\] but next_value has \[4\]; expected \[4\] or "
+                                         r"\[4, 1\]"):
         vgf.td_target(torch.randn(1, B), next_v, discount=0.99, done=torch.zeros(B))
     with pytest.raises(ValueError, match=r"done has shape \[4, 4\]"):
         vgf.td_target(torch.randn(B, 1), next_v, discount=0.99, done=torch.zeros(B, B))

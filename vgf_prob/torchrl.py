@@ -46,7 +46,8 @@ def spec_bounds(spec: TensorSpec, action_key: NestedKey = "action") -> tuple[Ten
     if isinstance(spec, Composite):
         spec = spec[action_key]
     if not isinstance(spec, Bounded):
-        raise TypeError(f"VGF needs a bounded action spec (torchrl.data.Bounded) for its box; got {type(spec).__name__}")
+        raise TypeError(f"VGF needs a bounded action spec (torchrl.data.Bounded) for its box; got "
+                        f"{type(spec).__name__}")
     return spec.space.low, spec.space.high
 
 
@@ -109,7 +110,8 @@ class VGFLoss(LossModule):
                  budget: int | None = None, loss_function: str = "l2", reduction: str = "mean") -> None:
         super().__init__()
         if flow.projection is None and action_spec is None:
-            raise ValueError("VGFLoss needs the action box: pass action_spec=env.action_spec or a flow with a projection")
+            raise ValueError("VGFLoss needs the action box: pass action_spec=env.action_spec or a flow with a "
+                             "projection")
         self.convert_to_functional(qvalue_network, "qvalue_network", num_qvalue_nets, create_target_params=True)
         self.obs_key = _observation_key(qvalue_network, self.tensor_keys.action)
         self.reference = reference
@@ -208,7 +210,8 @@ class VGFActor(TensorDictModule):
         if action_spec is not None:
             flow = replace(flow, projection=BoxProjection(*spec_bounds(action_spec)))
         if flow.projection is None:
-            raise ValueError("VGFActor needs the action box: pass action_spec=env.action_spec or a flow with a projection")
+            raise ValueError("VGFActor needs the action box: pass action_spec=env.action_spec or a flow with a "
+                             "projection")
         super().__init__(_Act(reference, flow, value, num_particles, budget, rule),
                          in_keys=in_keys or ["observation"], out_keys=out_keys or ["action"])
 

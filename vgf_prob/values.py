@@ -201,7 +201,8 @@ def td_target(reward: Tensor, next_value: Tensor, *, discount: float | Tensor, d
     broadcasts ``[B, 1]`` against ``[B]`` to ``[B, B]``; here any other shape is refused by name.
     """
     if (done is None) == (not_done is None):
-        raise ValueError("td_target takes exactly one of done= (1 where the episode terminated) and not_done= (1 - done)")
+        raise ValueError("td_target takes exactly one of done= (1 where the episode terminated) and "
+                         "not_done= (1 - done)")
     lead = next_value.shape[:-1] if next_value.dim() > 1 and next_value.shape[-1] == 1 else next_value.shape
     if not isinstance(reward, Tensor) or reward.dim() == 0:
         raise TypeError(f"td_target: reward must be a tensor [*B] or [*B, 1], got {type(reward).__name__}")
@@ -211,8 +212,8 @@ def td_target(reward: Tensor, next_value: Tensor, *, discount: float | Tensor, d
         if not isinstance(tensor, (Tensor, numbers.Real)):
             raise TypeError(f"td_target: {name} must be a tensor or a number, got {type(tensor).__name__}")
         if isinstance(tensor, Tensor) and tensor.dim() > 0 and tuple(tensor.shape) not in allowed:
-            raise ValueError(f"td_target: {name} has shape {list(tensor.shape)} but next_value has {list(next_value.shape)}; "
-                             f"expected {list(allowed[0])} or {list(allowed[1])} (one number per state)")
+            raise ValueError(f"td_target: {name} has shape {list(tensor.shape)} but next_value has "
+                             f"{list(next_value.shape)}; expected {list(allowed[0])} or {list(allowed[1])} (one number per state)")
     if isinstance(mask, Tensor):
         mask = mask.reshape(reward.shape) if mask.dim() > 0 else mask
         mask = mask.to(reward.dtype) if not mask.is_floating_point() else mask
