@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,10 +63,15 @@ def test_quickstart_trains_and_compares_bc_best_of_n_and_vgf(quickstart_run, cap
     assert len(cached) == 1  # the quick start's generated Reacher data, 2 episodes
     summary = json.loads((out / "summary.json").read_text())
     policies = [(row["policy"], row["budget"]) for row in summary["final_scores"]]
-    assert policies == [("BC reference", None), ("best-of-N", 0), ("VGF", 1)]
+    # N 10 particles, K 2 BC steps: VGF L_test 1 costs 10 (2 + 1 + 2) = 50 critic passes, best-of-M 50 / 3 -> 17
+    matched = "best-of-M=17 (matched to VGF L_test=1)"
+    assert policies == [("BC reference", None), ("best-of-N", 0), ("VGF", 1), (matched, None)]
+    costs = {row["policy"]: row.get("passes_per_action") for row in summary["final_scores"]}
+    assert costs["BC reference"] is None  # agent.bc_action is not a metered call
+    assert costs["VGF"] == 50 and costs[matched] == 17 * 3 and costs["best-of-N"] == 10 * 3
     assert summary["run"]["env_name"] == TINY_QUICKSTART.dataset
     assert (out / "latest.pt").exists() and (out / "learning_curve.png").stat().st_size > 0
-    assert (out / "eval.csv").read_text().count("\n") == 4
+    assert (out / "eval.csv").read_text().count("\n") == 5  # the matched row at the final evaluation only
 
 
 def test_eval_budget_sweep_writes_json_and_png(quickstart_run, tmp_path, capsys):
@@ -72,10 +79,39 @@ def test_eval_budget_sweep_writes_json_and_png(quickstart_run, tmp_path, capsys)
     assert cli.main(["eval", str(out), "--budgets", "0", "2", "--episodes", "1", "--out", str(tmp_path),
                      "--no-progress", "--threads", "1"]) == 0  # fmt: skip
     report = json.loads((tmp_path / "budget_sweep-steps-step4.json").read_text())
-    assert [(row["policy"], row["budget"]) for row in report["rows"]] == [("BC reference", None), ("best-of-N", 0),
-                                                                          ("VGF", 2)]  # fmt: skip
+    assert [(row["policy"], row["budget"]) for row in report["rows"]] == [
+        ("BC reference", None), ("best-of-N", 0), ("VGF", 2), ("best-of-M=23 (matched to VGF L_test=2)", None)]  # fmt: skip
     assert (tmp_path / "budget_sweep-steps-step4.png").stat().st_size > 0
     assert "budget sweep" in capsys.readouterr().out
+
+
+def test_eval_frontier_of_a_trained_run_writes_finite_rows_in_the_row_schema_and_a_plot(quickstart_run, tmp_path,
+                                                                                        capsys):
+    from vgf_prob.rl.evaluate import COST_COLUMNS, ROW_COLUMNS
+
+    out, _ = quickstart_run
+    other = tmp_path / "seed1.pt"  # a second "seed": the same checkpoint under another name
+    shutil.copy(out / "latest.pt", other)
+    assert cli.main(["eval", str(out), str(other), "--frontier", "--particles", "2", "--budgets", "1", "--episodes",
+                     "2", "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    # N 10, K 2: best-of-N at 2 and at the matched 17; each flow operator at L_test 1; two runs of one checkpoint
+    labels = ["best-of-N N=2", "best-of-N N=17", "VGF N=10 L_test=1", "GradStep N=10 L_test=1", "SMC N=10 L_test=1"]
+    assert [row["label"] for row in saved["rows"]] == labels * 2
+    for row in saved["rows"]:
+        assert set(ROW_COLUMNS) | set(COST_COLUMNS) | {"score_low", "score_high", "num_particles", "run"} <= set(row)
+        numbers = [row[c] for c in (*COST_COLUMNS, "score", "score_low", "score_high")]
+        assert all(math.isfinite(v) for v in numbers) and row["episodes"] == 2 and row["cpu_ms_per_action"] >= 0
+    assert {row["label"]: row["passes_per_action"] for row in saved["rows"][:2]} == {"best-of-N N=2": 6,
+                                                                                      "best-of-N N=17": 51}
+    assert [row["label"] for row in saved["aggregate"]] == labels and all(r["runs"] == 2 for r in saved["aggregate"])
+    assert [r["score"] for r in saved["aggregate"]] == [r["score"] for r in saved["rows"][:5]]  # equal runs: their IQM
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert "test-time frontier" in capsys.readouterr().out
+    assert cli.main(["eval", str(out), str(out)]) == 2
+    assert "several runs need --frontier" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--frontier", "--budgets", "0"]) == 2
+    assert "whole numbers >= 1" in capsys.readouterr().err
 
 
 def test_data_inspect_prints_a_summary(quickstart_run, capsys):

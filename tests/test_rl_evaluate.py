@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +14,19 @@ import torch
 
 from vgf_prob.rl.data import D4RL_REF_SCORES
 from vgf_prob.rl.envs import make_env, make_envs, resolve_env_name
-from vgf_prob.rl.evaluate import Policy, ScoreRow, compare_policies, evaluate, format_scores, format_table, policy_label
+from vgf_prob.rl.evaluate import (
+    COST_COLUMNS,
+    ROW_COLUMNS,
+    EvalResult,
+    Policy,
+    ScoreRow,
+    compare_policies,
+    evaluate,
+    format_scores,
+    format_table,
+    policy_label,
+    score_row,
+)
 from vgf_prob.rl.plots import plot_budget_sweep, plot_learning_curve
 
 HOPPER = "hopper-medium-v2"
@@ -72,16 +86,19 @@ class RecordingAgent:
     """An agent stand-in: acts with `deterministic_act_fn` and records each call's budget ("bc" for BC)."""
 
     device = torch.device("cpu")
+    config = SimpleNamespace(num_particles=10, flow_steps=10)  # N and K: what the matched best-of-M reads
 
     def __init__(self) -> None:
         self.calls: list = []
+        self.particles: list = []
 
     def bc_action(self, obs, generator=None):
         self.calls.append("bc")
         return deterministic_act_fn(obs)
 
-    def act(self, obs, budget=None, generator=None):
+    def act(self, obs, budget=None, generator=None, num_particles=None):
         self.calls.append(budget)
+        self.particles.append(num_particles)
         return deterministic_act_fn(obs)
 
 
@@ -92,8 +109,11 @@ def test_compare_policies_scores_every_policy_on_the_same_episodes():
     before = torch.get_rng_state()
     rows = compare_policies(agent, HOPPER, [0, 2], 2, seed=0, extra=[extra], env_kwargs={"max_episode_steps": 10})
     assert torch.equal(torch.get_rng_state(), before)  # evaluation leaves the global RNGs where they were
-    assert [r.label for r in rows] == ["BC reference", "best-of-N L_test=0", "VGF L_test=2", "best-of-N N=40"]
-    assert set(agent.calls) == {"bc", 0, 2}
+    # N 10, K 10: VGF L_test 2 costs 10 (11 + 4) = 150 critic passes; best-of-M costs 11 M -> M = 13.6 -> 14
+    matched = "best-of-M=14 (matched to VGF L_test=2)"
+    assert [r.label for r in rows] == ["BC reference", "best-of-N L_test=0", "VGF L_test=2", matched, "best-of-N N=40"]
+    assert set(agent.calls) == {"bc", 0, 2} and set(agent.particles) == {None, 14} and rows[3].num_particles == 14
+    assert len({(r.score_low, r.score_high) for r in rows}) == 1 and rows[0].score_low < rows[0].score  # episode CI
     assert len({r.score for r in rows}) == 1 and all(r.episodes == 2 for r in rows)  # same policy, same episodes
     as_csv = [{k: "" if v is None else str(v) for k, v in r.to_dict().items()} for r in rows]
     assert [ScoreRow.from_dict(cells) for cells in as_csv] == rows  # the one schema round-trips through eval.csv
@@ -105,7 +125,27 @@ def test_compare_policies_scores_every_policy_on_the_same_episodes():
                                     env_kwargs={"max_episode_steps": 5})  # fmt: skip
     assert radius.label == "VGF displacement=0.5" and "DisplacementBudget(0.5)" in repr(agent.calls[-1].parts())
     assert policy_label("VGF", 3) == "VGF L_test=3" and policy_label("BC reference") == "BC reference"
-    assert "│ best-of-N N=40 │      - │" in format_table([r.to_dict() for r in rows[3:]], print_table=False)
+    assert "│ best-of-N N=40 │      - │" in format_table([r.to_dict() for r in rows[4:]], print_table=False)
+    unmatched = compare_policies(agent, HOPPER, [0, 2], 1, seed=0, env_kwargs={"max_episode_steps": 5}, matched=False)
+    assert [r.label for r in unmatched] == ["BC reference", "best-of-N L_test=0", "VGF L_test=2"]
+
+
+def test_a_score_row_carries_its_episode_interval_and_its_cost_per_action():
+    from vgf_prob.cost import Cost
+
+    scores = [1.0, 2.0, 3.0, 6.0]
+    result = EvalResult("x", np.zeros(4), np.ones(4, dtype=np.int64), None, np.array(scores), 0.1)
+    cost = Cost(value_evaluations=40, value_gradient_evaluations=20, reference_passes=80, particles=10, states=2,
+                wall_s=0.004, cpu_s=0.002)  # fmt: skip
+    row = score_row("VGF", 3, "steps", result, cost, num_particles=5)
+    half = 1.959963984540054 * statistics.stdev(scores) / 2  # 95 %: 1.96 sample std / sqrt(4)
+    assert row.score == 3.0 and row.score_low == pytest.approx(3.0 - half) and row.score_high == pytest.approx(3.0 + half)
+    assert (row.passes_per_action, row.reference_passes_per_action, row.value_gradient_evaluations_per_action,
+            row.particles_per_action, row.ms_per_action, row.cpu_ms_per_action) == (80, 40, 10, 5, 2, 1)  # fmt: skip
+    assert set(row.to_dict()) == {*ROW_COLUMNS, *COST_COLUMNS, "score_low", "score_high", "num_particles"}
+    assert ScoreRow.from_dict({k: str(v) for k, v in row.to_dict().items()}) == row  # through text cells
+    bare = score_row("BC reference", None, None, EvalResult("x", np.zeros(1), np.ones(1), None, np.ones(1), 0.1))
+    assert list(bare.to_dict()) == list(ROW_COLUMNS)  # one episode: no interval; no meter: no cost columns
 
 
 def test_reused_envs_and_bad_act_fn_output():

@@ -226,6 +226,41 @@ published = 70
     assert paths["plot"].stat().st_size > 0
 
 
+def _rliable_iqm_text(scores: list[list[float]]) -> str:
+    """rliable called directly (as `iqm_with_ci` promises to: numpy's global generator seeded 0, 2000 resamples)."""
+    import warnings
+
+    from rliable import library, metrics
+
+    np.random.seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        point, interval = library.get_interval_estimates(
+            {"x": np.array(scores)}, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=2000,
+            random_state=np.random.RandomState(0))  # fmt: skip
+    return f"{point['x'][0]:.1f} [{interval['x'][0, 0]:.1f}, {interval['x'][1, 0]:.1f}]"
+
+
+def test_the_summary_gives_rliables_iqm_over_seeds_and_tasks_and_the_mean_of_the_last_three_evaluations(tmp_path):
+    runs = expand_runs(load_recipe(d4rl_recipe(tmp_path, steps=8, seeds="[0, 1, 2, 3]")))
+    finals = {"hopper-medium-v2": [10.0, 20.0, 90.0, 40.0], "walker2d-medium-v2": [30.0, 35.0, 0.0, 70.0]}
+    for r in runs:
+        final = finals[r.task][r.seed]
+        # VGF at steps 2, 4, 6, 8: 0, then final - 6, final - 3, final: the last three average to final - 3
+        write_run_logs(r.out, [(2, "VGF", "1", 0.0), (4, "VGF", "1", final - 6), (6, "VGF", "1", final - 3),
+                               (8, "VGF", "1", final)], [(8, 1.0)])  # fmt: skip
+    results = run_results(runs)
+    assert [row["last3 VGF L_test=1"] for row in results] == [finals[r.task][r.seed] - 3 for r in runs]
+    hopper, walker, recipe = summarize(runs, results)
+    assert hopper["VGF L_test=1"] == "40.0 ± 30.8" and hopper["last3 VGF L_test=1"] == "37.0 ± 30.8"
+    assert hopper["IQM VGF L_test=1"] == _rliable_iqm_text([[10.0], [20.0], [90.0], [40.0]])
+    assert walker["IQM VGF L_test=1"] == _rliable_iqm_text([[30.0], [35.0], [0.0], [70.0]])
+    assert (recipe["task"], recipe["runs"]) == ("all tasks", "8/8")
+    assert recipe["IQM VGF L_test=1"] == _rliable_iqm_text([[10.0, 30.0], [20.0, 35.0], [90.0, 0.0], [40.0, 70.0]])
+    # the IQM of 8 scores is the mean of the middle 4: (20 + 30 + 35 + 40) / 4 = 31.25
+    assert recipe["IQM VGF L_test=1"].startswith("31.2 [")
+
+
 def test_reproduce_summary_writes_the_shared_report(tmp_path, capsys):
     recipe = d4rl_recipe(tmp_path)
     runs = expand_runs(load_recipe(recipe))
@@ -353,8 +388,8 @@ def test_local_ray_sweep_survives_a_killed_trial(tmp_path, capsys):
 
     assert paths["plot"].stat().st_size > 0
     summary = json.loads(paths["summary"].read_text())
-    assert [(row["task"], row["runs"], row["published VGF"]) for row in summary] == [
-        ("hopper-medium-v2", "2/2", 97.9), ("walker2d-medium-v2", "2/2", None)]  # fmt: skip
+    assert [(row["task"], row["runs"], row.get("published VGF")) for row in summary] == [
+        ("hopper-medium-v2", "2/2", 97.9), ("walker2d-medium-v2", "2/2", None), ("all tasks", "4/4", None)]  # fmt: skip
 
 
 def _assert_same_tree(a, b, path="agent"):

@@ -96,6 +96,23 @@ def _version() -> str:
 
 
 # ============================================================================================== parser
+EVAL_DESCRIPTION = """Evaluate a checkpoint: BC, best-of-N, VGF and best-of-M matched to each VGF budget's cost,
+or a sweep over --budgets.
+
+--frontier RUN [RUN ...] (one run per seed): every test-time operator of each checkpoint on the same seeded
+episodes, one state per act call: best-of-N at each --particles N and at the N that costs what each flow
+costs; VGF, GradStep (value-gradient ascent, no kernel) and SMC (resampling by exp(Q / alpha) before each
+step) at the agent's N and each L_test of --budgets. Writes frontier.json (rows per run in the evaluation's
+row schema, and the aggregate over runs and tasks: rliable's interquartile mean with a 95 % stratified
+bootstrap interval) and frontier.png (score against both cost axes) to --out (default: ./frontier).
+
+Cost columns, per action, counted while the episodes ran: passes_per_action, critic-pass equivalents (a BC
+Euler step of one particle = 1, a value evaluation = 1, a value-gradient evaluation = 2; best-of-N with a
+K-step sampler costs N (K + 1), each flow step adds 2 N); ms_per_action and cpu_ms_per_action, wall and
+process-CPU milliseconds inside the act calls; reference_passes_, value_evaluations_,
+value_gradient_evaluations_ and particles_per_action, the rows of each kind."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (``llm``'s own options are parsed by the demo)."""
     parser = _Parser(
@@ -106,13 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sweep,data,llm}")
     _add_train_arguments(sub)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint; --budgets sweeps the test-time budget",
-                        description="Evaluate a checkpoint: BC, best-of-N and VGF, or a sweep over --budgets.")  # fmt: skip
-    ev.add_argument("checkpoint", help="a checkpoint file or a run directory (its latest.pt)")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint; --budgets sweeps the test-time budget; --frontier",
+                        description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ev.add_argument("checkpoint", nargs="+", metavar="RUN",
+                    help="a checkpoint file or a run directory (its latest.pt); with --frontier, one per seed")  # fmt: skip
+    ev.add_argument("--frontier", action="store_true",
+                    help="score every test-time operator against its cost per action (see above)")  # fmt: skip
+    ev.add_argument("--particles", type=_POSITIVE, nargs="+", default=[1, 5, 10, 20, 40, 80],
+                    help="--frontier: best-of-N sizes N (default 1 5 10 20 40 80; the matched sizes are added)")  # fmt: skip
+    ev.add_argument("--operators", nargs="+", default=["best-of-N", "VGF", "GradStep", "SMC"],
+                    help="--frontier: operators (default best-of-N VGF GradStep SMC)")  # fmt: skip
     ev.add_argument("--env", help="environment (default: the one the run trained for)")
-    ev.add_argument("--episodes", type=_POSITIVE, default=10, help="episodes per policy and budget (default 10)")
+    ev.add_argument("--episodes", type=_POSITIVE, help="episodes per policy and budget (default 10; --frontier 50)")
     ev.add_argument("--budgets", type=_nonnegative_number, nargs="+",
-                    help="test-time budgets to sweep (steps: L_test; displacement/sinkhorn: radius)")  # fmt: skip
+                    help="test-time budgets to sweep (steps: L_test; displacement/sinkhorn: radius); --frontier: the "
+                         "flows' L_test values (default 1 2 3 5 8)")  # fmt: skip
     ev.add_argument("--budget-type", choices=("steps", "displacement", "sinkhorn"), default="steps",
                     help="what --budgets measure: flow steps, or a displacement / Sinkhorn radius (default steps)")  # fmt: skip
     ev.add_argument("--max-flow-steps", type=_POSITIVE, default=20,
@@ -122,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="torch device to act on (default cpu)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.add_argument("--threads", type=_POSITIVE,
-                    help="torch CPU threads (default: the number the run trained with, as training chose it)")  # fmt: skip
+                    help="torch CPU threads (default: the number the run trained with; --frontier 1)")  # fmt: skip
 
     from vgf_prob.rl.sweep import add_arguments as add_sweep_arguments  # no Ray import
 
@@ -299,11 +324,27 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from vgf_prob.rl.run.experiment import evaluate_checkpoint
 
-    _, report = evaluate_checkpoint(args.checkpoint, args.env, args.episodes, args.budgets, args.budget_type,
+    if args.frontier:
+        return _frontier(args)
+    if len(args.checkpoint) > 1:
+        raise CLIError("several runs need --frontier (plain eval takes one checkpoint)")
+    episodes = 10 if args.episodes is None else args.episodes
+    _, report = evaluate_checkpoint(args.checkpoint[0], args.env, episodes, args.budgets, args.budget_type,
                                     args.max_flow_steps, args.out, args.seed, args.device, args.threads,
                                     progress=not args.no_progress)  # fmt: skip
     figure = report.with_suffix(".png")
     print(f"wrote {report}" + (f" and {figure}" if figure.exists() and args.budgets is not None else ""))
+
+
+def _frontier(args: argparse.Namespace) -> None:
+    from vgf_prob.rl.run.experiment import evaluate_frontier
+
+    if args.env is not None or args.budget_type != "steps":
+        raise CLIError("--frontier scores each run in its own environment with step budgets (no --env/--budget-type)")
+    out = evaluate_frontier(args.checkpoint, args.particles, args.budgets or [1, 2, 3, 5, 8], args.operators,
+                            50 if args.episodes is None else args.episodes, args.seed, args.out or Path("frontier"),
+                            args.device, args.threads, progress=not args.no_progress)  # fmt: skip
+    print(f"wrote {out / 'frontier.json'} and {out / 'frontier.png'}")
 
 
 # ============================================================================================== sweep

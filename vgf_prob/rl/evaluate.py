@@ -11,6 +11,7 @@ training evaluations, ``vgf-prob eval``, budget sweeps and recipe reports alike.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -240,13 +241,20 @@ def _normalized_scores(env_name: str, returns: np.ndarray) -> np.ndarray | None:
 # ============================================================================================ one row schema
 @dataclass(frozen=True)
 class ScoreRow:
-    """One policy's score over one set of seeded episodes: the row of eval.csv, sweeps and reports.
+    """One policy's score over one set of seeded episodes: the row of eval.csv, sweeps, reports and the frontier.
 
     ``budget`` is the transport budget the policy acted with (``budget_type`` "steps": L_test, a whole
     number; "displacement" / "sinkhorn": a radius), None for a policy without a flow (the BC reference).
     ``score`` and ``score_std`` are the mean and population std over episodes of the per-episode score
     (``score_kind``: D4RL normalised score, success rate in %, or return); ``mean_return`` / ``return_std``
     the same for the undiscounted return.
+
+    The optional columns (`OPTIONAL_COLUMNS`, None when not measured; eval.csv keeps `ROW_COLUMNS` only):
+    ``score_low`` / ``score_high``, the episode interval of the score (mean ± 1.96 standard errors, None for
+    one episode); ``num_particles``, the N acted with (None: the agent's); and the cost per action counted
+    while the episodes ran (`COST_COLUMNS`, `vgf_prob.cost`): critic-pass equivalents (a BC Euler step = 1,
+    a value evaluation = 1, a value-gradient evaluation = 2), wall and CPU milliseconds inside the act calls,
+    and the rows of each kind.
     """
 
     policy: str
@@ -258,29 +266,62 @@ class ScoreRow:
     return_std: float
     episodes: int
     score_kind: str
+    score_low: float | None = None
+    score_high: float | None = None
+    num_particles: int | None = None
+    passes_per_action: float | None = None
+    ms_per_action: float | None = None
+    cpu_ms_per_action: float | None = None
+    reference_passes_per_action: float | None = None
+    value_evaluations_per_action: float | None = None
+    value_gradient_evaluations_per_action: float | None = None
+    particles_per_action: float | None = None
 
     @property
     def label(self) -> str:
         return policy_label(self.policy, self.budget, self.budget_type)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """`ROW_COLUMNS`, then the optional columns that were measured (not None)."""
+        values = asdict(self)
+        return {k: v for k, v in values.items() if k in ROW_COLUMNS or v is not None}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ScoreRow:
-        """A row from `to_dict` or from a CSV row (text cells; an empty budget is None)."""
+        """A row from `to_dict` or from a CSV row (text cells; an empty budget or optional cell is None)."""
         kind = values["budget_type"] or None
         budget = values["budget"]
         if budget in ("", None):
             budget = None
         elif isinstance(budget, str):
             budget = int(budget) if kind == "steps" else float(budget)
+        optional = {k: (int if k == "num_particles" else float)(values[k]) for k in OPTIONAL_COLUMNS
+                    if values.get(k) not in ("", None)}  # fmt: skip
         return cls(values["policy"], budget, kind, float(values["score"]), float(values["score_std"]),
                    float(values["mean_return"]), float(values["return_std"]), int(values["episodes"]),
-                   values["score_kind"])  # fmt: skip
+                   values["score_kind"], **optional)  # fmt: skip
 
 
-ROW_COLUMNS = tuple(f.name for f in fields(ScoreRow))
+COST_COLUMNS = (
+    "passes_per_action", "ms_per_action", "cpu_ms_per_action", "reference_passes_per_action",
+    "value_evaluations_per_action", "value_gradient_evaluations_per_action", "particles_per_action",
+)  # fmt: skip
+OPTIONAL_COLUMNS = ("score_low", "score_high", "num_particles", *COST_COLUMNS)
+ROW_COLUMNS = tuple(f.name for f in fields(ScoreRow) if f.name not in OPTIONAL_COLUMNS)
+EPISODE_Z = 1.959963984540054  # the normal 97.5 % quantile: a 95 % interval of the episode mean
+
+
+def score_row(policy: str, budget: int | float | None, budget_type: str | None, result: EvalResult,
+              cost: Any = None, num_particles: int | None = None) -> ScoreRow:
+    """The `ScoreRow` of an `evaluate` result: its episode interval, and with a `vgf_prob.cost.Cost` meter that
+    served states, its cost per action (`COST_COLUMNS`)."""
+    n = result.num_episodes
+    half = EPISODE_Z * result.score_std / math.sqrt(n - 1) if n > 1 else None
+    per_action = cost.per_state() if cost is not None and cost.states else {}
+    costs = {f"{name}_per_action": value for name, value in per_action.items() if f"{name}_per_action" in COST_COLUMNS}
+    return ScoreRow(policy, budget, budget_type, result.score, result.score_std, result.mean_return,
+                    result.std_return, n, result.score_kind, None if half is None else result.score - half,
+                    None if half is None else result.score + half, num_particles, **costs)  # fmt: skip
 
 
 def policy_label(policy: str, budget: int | float | None = None, budget_type: str | None = "steps") -> str:
@@ -298,14 +339,15 @@ def policy_label(policy: str, budget: int | float | None = None, budget_type: st
 class Policy:
     """A policy to compare: ``make(agent, generator)`` returns its act function ``obs [n, O] -> actions [n, A]``.
 
-    ``budget`` / ``budget_type`` only name it in its `ScoreRow` (e.g. best-of-N at another N is
-    ``Policy("best-of-N N=40", make)``).
+    ``budget`` / ``budget_type`` / ``num_particles`` only name it in its `ScoreRow` (e.g. best-of-N at another
+    N is ``Policy("best-of-N N=40", make, num_particles=40)``).
     """
 
     name: str
     make: Callable[[Any, torch.Generator], ActFn]
     budget: int | float | None = None
     budget_type: str | None = None
+    num_particles: int | None = None
 
 
 def make_budget(value: float, budget_type: str = "steps", max_flow_steps: int = 20) -> Any:
@@ -336,8 +378,21 @@ def standard_policies(budgets: Sequence[float], budget_type: str = "steps", max_
     return policies
 
 
-def _acting_at(budget: Any) -> Callable[[Any, torch.Generator], ActFn]:
-    return lambda agent, g: lambda obs: agent.act(obs, budget=budget, generator=g)
+def matched_policies(budgets: Sequence[float], num_particles: int, flow_steps: int) -> list[Policy]:
+    """Per step budget L > 0: best-of-M at the M whose critic-pass equivalents equal those of VGF with N =
+    ``num_particles`` particles, L steps and a ``flow_steps``-step BC sampler (`vgf_prob.rl.frontier.
+    matched_particles`: M = N (K + 1 + 2L) / (K + 1)), named ``best-of-M=<M> (matched to VGF L_test=<L>)``."""
+    from vgf_prob.rl.frontier import matched_particles
+
+    policies = []
+    for steps in sorted({int(b) for b in budgets if b > 0}):
+        m = matched_particles(num_particles, steps, flow_steps)
+        policies.append(Policy(f"best-of-M={m} (matched to VGF L_test={steps})", _acting_at(0, m), num_particles=m))
+    return policies
+
+
+def _acting_at(budget: Any, num_particles: int | None = None) -> Callable[[Any, torch.Generator], ActFn]:
+    return lambda agent, g: lambda obs: agent.act(obs, budget=budget, generator=g, num_particles=num_particles)
 
 
 def compare_policies(
@@ -352,14 +407,22 @@ def compare_policies(
     extra: Sequence[Policy] = (),
     env_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
+    matched: bool = True,
 ) -> list[ScoreRow]:
-    """Score `standard_policies` and then ``extra`` on the same ``num_episodes`` seeded episodes.
+    """Score `standard_policies`, then (``matched``, step budgets) the compute-matched best-of-M of each VGF budget
+    (`matched_policies` at the agent's N and K), then ``extra``, on the same ``num_episodes`` seeded episodes.
 
     Episode ``k`` of every policy resets with seed ``seed + k``; the agent's noise comes from one
     generator seeded by ``(seed, step)``, drawn from by the policies in turn, and every global RNG is
-    restored afterwards (evaluating never changes training). One row per policy, in order.
+    restored afterwards (evaluating never changes training). One row per policy, in order, with its episode
+    interval and its cost per action (up to 10 environments in lockstep share each act call).
     """
-    policies = [*standard_policies(budgets, budget_type, max_flow_steps), *extra]
+    from vgf_prob.cost import measure
+
+    policies = standard_policies(budgets, budget_type, max_flow_steps)
+    if matched and budget_type == "steps":
+        policies += matched_policies(budgets, agent.config.num_particles, agent.config.flow_steps)
+    policies += extra
     generator = torch.Generator(device=agent.device).manual_seed(mix_seed(seed, step))
     rows = []
     with preserved_rng():
@@ -367,10 +430,10 @@ def compare_policies(
         try:
             for p in policies:
                 label = policy_label(p.name, p.budget, p.budget_type)
-                result = evaluate(p.make(agent, generator), env_name, num_episodes, seed, device=agent.device,
-                                  envs=envs, progress=progress, label=label)  # fmt: skip
-                rows.append(ScoreRow(p.name, p.budget, p.budget_type, result.score, result.score_std,
-                                     result.mean_return, result.std_return, result.num_episodes, result.score_kind))  # fmt: skip
+                with measure() as cost:
+                    result = evaluate(p.make(agent, generator), env_name, num_episodes, seed, device=agent.device,
+                                      envs=envs, progress=progress, label=label)  # fmt: skip
+                rows.append(score_row(p.name, p.budget, p.budget_type, result, cost, p.num_particles))
         finally:
             for env in envs:
                 env.close()

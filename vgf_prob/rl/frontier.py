@@ -31,14 +31,9 @@ from vgf_prob.cost import measure
 from vgf_prob.flows import ValueGradient
 from vgf_prob.flows.resampling import BoltzmannResampling
 from vgf_prob.rl.aggregate import iqm_with_ci
-from vgf_prob.rl.evaluate import evaluate
+from vgf_prob.rl.evaluate import COST_COLUMNS, evaluate, score_row
 
 OPERATORS = ("best-of-N", "VGF", "GradStep", "SMC")
-COST_COLUMNS = (
-    "passes_per_action", "ms_per_action", "cpu_ms_per_action", "reference_passes_per_action",
-    "value_evaluations_per_action", "value_gradient_evaluations_per_action", "particles_per_action",
-)  # fmt: skip
-EPISODE_Z = 1.959963984540054  # the normal 97.5 % quantile: a 95 % interval of the episode mean
 
 
 @dataclass(frozen=True)
@@ -121,11 +116,10 @@ def frontier_rows(
 
     Each setting's noise comes from its own generator seeded by ``seed``. Acting runs ``num_envs`` episodes in
     lockstep (1: one state per act call, the deployment case for ``ms_per_action``); ``max_episode_steps`` and
-    ``env_kwargs`` go to the environments. A row has the evaluation
-    schema's columns (policy, budget, budget_type, score, score_std, mean_return, return_std, episodes,
-    score_kind), the episode interval ``score_low``/``score_high`` (mean ± 1.96 standard errors), the
-    operator, N, ``run`` and `COST_COLUMNS` (per action: critic-pass equivalents, wall and CPU milliseconds
-    inside the act calls, rows by kind).
+    ``env_kwargs`` go to the environments. A row is the `vgf_prob.rl.evaluate.ScoreRow` of the setting (the
+    evaluation schema, with the episode interval ``score_low``/``score_high``, N and `COST_COLUMNS`: per action,
+    critic-pass equivalents, wall and CPU milliseconds inside the act calls, rows by kind) and its context:
+    ``env_name``, ``label``, ``operator``, ``run``, ``num_envs``.
     """
     rows = []
     for setting in settings:
@@ -134,20 +128,9 @@ def frontier_rows(
             result = evaluate(setting.act_fn(agent, generator), env_name, num_episodes, seed, device=agent.device,
                               num_envs=num_envs, max_episode_steps=max_episode_steps, env_kwargs=env_kwargs,
                               progress=progress, label=setting.label)  # fmt: skip
-        per_action = cost.per_state()
-        half = EPISODE_Z * result.score_std / math.sqrt(result.num_episodes - 1) if result.num_episodes > 1 else None
-        rows.append({
-            "policy": setting.operator, "budget": setting.steps, "budget_type": "steps", "score": result.score,
-            "score_std": result.score_std, "mean_return": result.mean_return, "return_std": result.std_return,
-            "episodes": result.num_episodes, "score_kind": result.score_kind, "env_name": env_name,
-            "label": setting.label, "operator": setting.operator, "num_particles": setting.num_particles,
-            "run": run, "num_envs": num_envs,
-            "score_low": None if half is None else result.score - half,
-            "score_high": None if half is None else result.score + half,
-            **{f"{name}_per_action": per_action[name] for name in
-               ("passes", "ms", "cpu_ms", "reference_passes", "value_evaluations", "value_gradient_evaluations",
-                "particles")},
-        })  # fmt: skip
+        row = score_row(setting.operator, setting.steps, "steps", result, cost, setting.num_particles)
+        rows.append({**row.to_dict(), "env_name": env_name, "label": setting.label, "operator": setting.operator,
+                     "run": run, "num_envs": num_envs})  # fmt: skip
     return rows
 
 
@@ -222,24 +205,30 @@ def frontier_from_runs(
     run_dirs: Sequence[str | Path],
     settings: Sequence[Setting] | None = None,
     *,
+    particle_counts: Iterable[int] = (1, 5, 10, 20, 40, 80),
+    budgets: Iterable[int] = (1, 2, 3, 5, 8),
+    operators: Iterable[str] = OPERATORS,
     num_episodes: int = 50,
     seed: int = 0,
     num_envs: int = 1,
     out: str | Path | None = None,
+    device: str = "cpu",
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """`frontier_rows` for the agent of each run directory (or checkpoint file; one run = one seed, labelled by
     its folder), on the same episodes, then `aggregate_frontier` over them. ``settings`` default to
-    `sweep_settings` at the first agent's N and K (compute-matched best-of-N included). With ``out``, writes
-    ``frontier.json`` (rows and aggregate) and ``frontier.png`` there. Returns ``(rows, aggregate)``."""
+    `sweep_settings` of ``particle_counts``, ``budgets`` and ``operators`` at the first agent's N and K
+    (compute-matched best-of-N included). With ``out``, writes ``frontier.json`` (rows and aggregate) and
+    ``frontier.png`` there. Returns ``(rows, aggregate)``."""
     import json
 
     rows = []
     for run_dir in run_dirs:
-        agent, payload, path = load_run(run_dir)
+        agent, payload, path = load_run(run_dir, device)
         run = payload.get("run", {})
         if settings is None:
-            settings = sweep_settings(agent.config.num_particles, flow_steps=agent.config.flow_steps)
+            settings = sweep_settings(agent.config.num_particles, particle_counts, budgets, operators,
+                                      agent.config.flow_steps)  # fmt: skip
         timing = run.get("dataset_metadata", {}).get("success_timing")  # OGBench: as the data was labelled
         rows += frontier_rows(agent, run["env_name"], settings, num_episodes=num_episodes, seed=seed,
                               num_envs=num_envs, run=path.parent.name if path.name == "latest.pt" else path.stem,
@@ -255,45 +244,16 @@ def frontier_from_runs(
     return rows, table
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m vgf_prob.rl.frontier RUN [RUN ...] --episodes 50 --out DIR``: the frontier of trained runs."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("runs", nargs="+", help="run directories (their latest.pt) or checkpoint files, one per seed")
-    parser.add_argument("--episodes", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--particles", default="1,5,10,20,40,80",
-                        help="best-of-N sizes (the compute-matched sizes of the flows are added)")
-    parser.add_argument("--budgets", default="1,2,3,5,8", help="L_test of VGF, GradStep and SMC")
-    parser.add_argument("--operators", default=",".join(OPERATORS))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="frontier")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    first = load_run(args.runs[0])[0]
-    settings = sweep_settings(first.config.num_particles, [int(n) for n in args.particles.split(",")],
-                              [int(b) for b in args.budgets.split(",")], args.operators.split(","),
-                              first.config.flow_steps)  # fmt: skip
-    _, table = frontier_from_runs(args.runs, settings, num_episodes=args.episodes, seed=args.seed, out=args.out)
-    for row in table:
-        print(f"{row['label']:<24} score {row['score']:7.2f} [{row['score_low']:7.2f}, {row['score_high']:7.2f}]  "
-              f"passes/action {row['passes_per_action']:7.1f}  ms/action {row['ms_per_action']:6.2f}  "
-              f"CPU ms/action {row['cpu_ms_per_action']:6.2f}")
-
-
-def load_run(run_dir: str | Path) -> tuple[Any, dict[str, Any], Path]:
-    """``(agent, checkpoint payload, checkpoint path)`` of a run directory (its latest.pt) or checkpoint file."""
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any], Path]:
+    """``(agent on device, checkpoint payload, checkpoint path)`` of a run directory (its latest.pt) or checkpoint
+    file."""
     from vgf_prob.rl.checkpoint import load_checkpoint, resolve_checkpoint
     from vgf_prob.rl.run.experiment import restore_agent
 
     path = resolve_checkpoint(run_dir)
     payload = load_checkpoint(path)
-    return restore_agent(payload), payload, path
+    return restore_agent(payload, device), payload, path
 
 
 __all__ = ["COST_COLUMNS", "OPERATORS", "Setting", "aggregate_frontier", "frontier_from_runs", "frontier_rows",
            "load_run", "matched_particles", "plot_frontier", "sweep_settings"]
-
-if __name__ == "__main__":
-    main()

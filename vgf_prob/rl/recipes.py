@@ -22,16 +22,20 @@ environment's ``config``, then its grid point. Runs write to ``<out_dir>/<task>[
 The report on a set of runs reads each run directory's ``eval.csv`` and ``train.csv`` only, so it is
 the same whichever runner (or machine) trained them:
 
-- results: one row per run that has evaluated at least once: the final score (at the last evaluation)
-  and the best score (maximum over evaluations) of each policy (named by `vgf_prob.rl.evaluate.policy_label`:
-  ``BC reference``, ``best-of-N L_test=0``, ``VGF L_test=k``), the last evaluated
+- results: one row per run that has evaluated at least once: the final score (at the last evaluation),
+  the best score (maximum over evaluations) and the mean of the last three evaluations (``last3``, the FQL /
+  OGBench protocol) of each policy (named by `vgf_prob.rl.evaluate.policy_label`: ``BC reference``,
+  ``best-of-N L_test=0``, ``VGF L_test=k``, and at the final evaluation the compute-matched
+  ``best-of-M=<M> (matched to VGF L_test=k)``), the last evaluated
   step, and the loop's wall time summed from ``train.csv`` (``sum_rows (step - previous step) /
   steps_per_second``: training, evaluation and checkpoints of the kept history; start-up and work lost
   to a crash are not in it);
 - summary: per group (a D4RL task, an OGBench environment) and grid point, over the runs that reached
   their last step: the group's score of seed ``k`` is the mean final score over the group's tasks run with
-  that seed, and the summary gives mean ± std over seeds (population std, ``statistics.pstdev``), next to
-  the recipe's published numbers;
+  that seed, and the summary gives mean ± std over seeds (population std, ``statistics.pstdev``) of the final
+  and of the last-three scores, and rliable's interquartile mean of the final scores over seeds x the group's
+  tasks with its 95 % stratified bootstrap interval (and, with several groups, over seeds x every task of the
+  recipe: the ``all tasks`` rows), next to the recipe's published numbers;
 - a PNG with one panel per task: mean final score ± std over seeds against L_test, one line per grid
   point, the BC reference dashed.
 """
@@ -243,7 +247,10 @@ def scores_at(run_dir: Path, step: int) -> dict[str, float]:
 
 
 def run_results(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per run that has evaluated: task, seed, grid point, step, complete, final and best scores, seconds."""
+    """One row per run that has evaluated: task, seed, grid point, step, complete, and per policy the final score,
+    the best score and (with at least three evaluations of it) ``last3``, the mean of its last three evaluations
+    (`vgf_prob.rl.aggregate.last_k_mean`, the FQL / OGBench protocol); then the loop's seconds."""
+    from vgf_prob.rl.aggregate import last_k_mean
     from vgf_prob.rl.run.logs import read_eval_rows
 
     rows = []
@@ -252,27 +259,30 @@ def run_results(runs: Sequence[Run]) -> list[dict[str, Any]]:
         if not evals:
             continue
         last = max(step for step, _ in evals)
-        final: dict[str, float] = {}
-        best: dict[str, float] = {}
-        for step, e in evals:
-            best[e.label] = max(best.get(e.label, -math.inf), e.score)
-            if step == last:
-                final[e.label] = e.score
+        history: dict[str, list[float]] = {}
+        for _, e in sorted(evals, key=lambda item: item[0]):  # evaluation order
+            history.setdefault(e.label, []).append(e.score)
+        final = {e.label: e.score for step, e in evals if step == last}
         row: dict[str, Any] = {"task": r.task, "seed": r.seed}
         if r.grid:
             row["grid"] = grid_label(r.grid)
         row.update({"step": last, "complete": last == r.steps})
         row.update({f"final {k}": v for k, v in final.items()})
-        row.update({f"best {k}": v for k, v in best.items()})
+        row.update({f"best {k}": max(v) for k, v in history.items()})
+        row.update({f"last3 {k}": last_k_mean(v) for k, v in history.items() if len(v) >= 3})
         row["seconds"] = round(_loop_seconds(r.out / "train.csv"), 1)
         rows.append(row)
     return rows
 
 
 def summarize(runs: Sequence[Run], results: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Per group and grid point: mean ± std over seeds of the group's mean final score, per policy.
+    """Per group and grid point, over the complete runs, per policy: mean ± std over seeds of the group's mean final
+    score (``<policy>``) and of its mean last-three score (``last3 <policy>``), and rliable's interquartile mean of
+    the final scores [seeds, the group's tasks] with its 95 % stratified bootstrap interval (``IQM <policy>``,
+    `vgf_prob.rl.aggregate.iqm_with_ci`; seeds that ran every task of the group). With several groups, a last row
+    per grid point (task ``all tasks``) gives the IQM over seeds x every task of the recipe.
 
-    Only complete runs count; ``runs`` says how many of the group's runs are complete.
+    ``runs`` says how many of the group's runs are complete.
     """
     results = run_results(runs) if results is None else results
     by_run = {(row["task"], row.get("grid", ""), row["seed"]): row for row in results if row["complete"]}
@@ -288,13 +298,45 @@ def summarize(runs: Sequence[Run], results: Sequence[Mapping[str, Any]] | None =
         row["runs"] = f"{len(done)}/{len(members)}"
         row.update({label: members[0].references.get(key) for key, label in REFERENCE_KEYS.items()
                     if any(key in r.references for r in runs)})  # fmt: skip
-        labels = list(dict.fromkeys(k[len("final "):] for d in done for k in d if k.startswith("final ")))
         seeds = sorted({d["seed"] for d in done})
         row["seeds"] = len(seeds)
-        for label in labels:
-            per_seed = [statistics.mean(v) for s in seeds
-                        if (v := [d[f"final {label}"] for d in done if d["seed"] == s and f"final {label}" in d])]
-            row[label] = f"{statistics.mean(per_seed):.1f} ± {statistics.pstdev(per_seed):.1f}"  # fmt: skip
+        for label in dict.fromkeys(k[len("final "):] for d in done for k in d if k.startswith("final ")):
+            for prefix, name in (("final ", label), ("last3 ", f"last3 {label}")):
+                per_seed = [statistics.mean(v) for s in seeds
+                            if (v := [d[prefix + label] for d in done if d["seed"] == s and prefix + label in d])]
+                if per_seed:
+                    row[name] = f"{statistics.mean(per_seed):.1f} ± {statistics.pstdev(per_seed):.1f}"
+            row[f"IQM {label}"] = _iqm_text(done, [r.task for r in members], label)
+        rows.append(row)
+    if len({group for group, _ in groups}) > 1:
+        rows += _recipe_iqm_rows(runs, list(by_run.values()))
+    return rows
+
+
+def _iqm_text(done: Sequence[Mapping[str, Any]], tasks: Sequence[str], label: str) -> str | None:
+    """``IQM [low, high]`` of the final ``label`` scores [seeds, tasks] of the seeds that ran every task (None:
+    no such seed)."""
+    from vgf_prob.rl.aggregate import iqm_with_ci
+
+    tasks = list(dict.fromkeys(tasks))
+    cells = {(d["seed"], d["task"]): d[f"final {label}"] for d in done if f"final {label}" in d}
+    seeds = sorted({s for s, _ in cells if all((s, t) in cells for t in tasks)})
+    if not seeds:
+        return None
+    iqm, low, high = iqm_with_ci([[cells[s, t] for t in tasks] for s in seeds])
+    return f"{iqm:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def _recipe_iqm_rows(runs: Sequence[Run], done: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per grid point: the IQM over seeds x every task of the recipe, per policy (`_iqm_text`)."""
+    rows = []
+    for point in dict.fromkeys(grid_label(r.grid) for r in runs):
+        mine = [d for d in done if d.get("grid", "") == point]
+        row: dict[str, Any] = {"task": "all tasks", **({"grid": point} if point else {})}
+        row["runs"] = f"{len(mine)}/{sum(grid_label(r.grid) == point for r in runs)}"
+        tasks = [r.task for r in runs if grid_label(r.grid) == point]
+        for label in dict.fromkeys(k[len("final "):] for d in mine for k in d if k.startswith("final ")):
+            row[f"IQM {label}"] = _iqm_text(mine, tasks, label)
         rows.append(row)
     return rows
 
@@ -325,7 +367,7 @@ def write_report(runs: Sequence[Run], out_dir: str | Path, title: str, print_tab
     if print_tables:
         print(f"{title}: {len(results)} of {len(runs)} runs evaluated")
         format_table(results)
-        print(f"{title}: final score, mean ± std over seeds of complete runs")
+        print(f"{title}: final and last-3 scores, mean ± std over seeds of complete runs; IQM [95 % CI] of final")
         format_table(summary)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return paths

@@ -322,6 +322,42 @@ def evaluate_checkpoint(
     return rows, stem.with_suffix(".json")
 
 
+def evaluate_frontier(
+    runs: Sequence[str | Path],
+    particles: Sequence[int],
+    budgets: Sequence[float],
+    operators: Sequence[str],
+    episodes: int,
+    seed: int,
+    out: str | Path,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """``vgf-prob eval RUN [RUN ...] --frontier``: `vgf_prob.rl.frontier.frontier_from_runs` of the runs (one per
+    seed) at best-of-N sizes ``particles`` and flow L_test ``budgets`` (whole numbers >= 1), on ``threads`` torch
+    threads (default 1: the deployment case of the ms columns); prints the aggregate table, returns ``out``."""
+    import torch
+
+    from vgf_prob.rl.evaluate import format_table
+    from vgf_prob.rl.frontier import frontier_from_runs
+    from vgf_prob.rl.run.run_dir import check_device
+
+    if any(float(b) < 1 or not float(b).is_integer() for b in budgets):
+        raise TrainingSetupError(f"--frontier: --budgets are the flows' L_test, whole numbers >= 1; got {list(budgets)}")
+    check_device(device)
+    torch.set_num_threads(1 if threads is None else threads)
+    try:
+        _, table = frontier_from_runs(runs, particle_counts=particles, budgets=[int(b) for b in budgets],
+                                      operators=operators, num_episodes=episodes, seed=seed, out=out, device=device,
+                                      progress=progress)  # fmt: skip
+    except ValueError as err:  # an unknown operator; runs that do not share their tasks
+        raise TrainingSetupError(str(err)) from err
+    columns = ("label", "runs", "tasks", "score", "score_low", "score_high", "passes_per_action", "cpu_ms_per_action")
+    format_table([{c: row[c] for c in columns} for row in table], title="test-time frontier (IQM over runs)")
+    return Path(out)
+
+
 def _plot_sweep(rows: list[Any], png: Path, env_name: str, budget_type: str, step: int, episodes: int) -> None:
     from vgf_prob.rl.plots import plot_budget_sweep
 

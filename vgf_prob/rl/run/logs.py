@@ -175,7 +175,8 @@ class CSVSink:
 
     def log_eval(self, step: int, rows: Sequence[ScoreRow]) -> None:
         for row in rows:
-            self.eval.write({"step": step, **{k: "" if v is None else v for k, v in row.to_dict().items()}})
+            values = row.to_dict()  # the cost and interval columns go to the JSON reports, not eval.csv
+            self.eval.write({"step": step, **{k: "" if values[k] is None else values[k] for k in ROW_COLUMNS}})
 
     def positions(self) -> dict[str, int]:
         return {TRAIN_LOG: self.train.position(), EVAL_LOG: self.eval.position()}
