@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                     run["probes"] = probes(agent, dataset, train_set, args.budgets, seed, norm)
             for name in args.peers:
                 for row in train_peer(name, dataset, env_name, args.steps, args.steps, args.eval_episodes, seed):
-                    run["rows"].append(row | {"train_cpu_s_per_1k": 1000 * row["train_cpu_s"] / row["step"]})
+                    per_1k = 1000 * row["train_cpu_s"] / row["step"]
+                    run["rows"].append(row | {"L_test": None, "train_cpu_s_per_1k": per_1k})
             record["runs"].append(run)
             record["summary"] = summarise(record["runs"])
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from vgf_prob.rl import peers  # noqa: E402
 from vgf_prob.rl.d4rl import load_d4rl_hdf5  # noqa: E402
 from vgf_prob.rl.gym_generate import generate_gym_dataset  # noqa: E402
 from vgf_prob.rl.offline_dataset import OfflineDataset  # noqa: E402
-from vgf_prob.rl.trainer import EVAL_COLUMNS  # noqa: E402
+from vgf_prob.rl.evaluate import ROW_COLUMNS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +104,11 @@ def test_command_end_to_end_at_tiny_size(tmp_path, monkeypatch, capsys):
     assert peers.main(argv) == 0
     with (out / "eval.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0])[: len(EVAL_COLUMNS)] == EVAL_COLUMNS  # VGF's eval.csv columns, then seed, CPU s
+    assert tuple(rows[0]) == ("step", *ROW_COLUMNS, "seed", "train_cpu_s")  # VGF's eval.csv columns, then two
     assert [(r["policy"], r["step"]) for r in rows] == [
         ("d3rlpy TD3+BC", "30"), ("d3rlpy TD3+BC", "60"), ("d3rlpy IQL", "30"), ("d3rlpy IQL", "60")
     ]
-    assert all(r["episodes"] == "2" and r["L_test"] == "" and r["score_kind"] == "d4rl_normalized" for r in rows)
+    assert all(r["episodes"] == "2" and r["budget"] == "" and r["score_kind"] == "d4rl_normalized" for r in rows)
     assert all(np.isfinite(float(r["score"])) and float(r["train_cpu_s"]) > 0 for r in rows)
     assert float(rows[1]["train_cpu_s"]) > float(rows[0]["train_cpu_s"])
     summary = json.loads((out / "summary.json").read_text())

@@ -19,10 +19,10 @@ multiply by ``mask = 0``. `picked_transitions` reads every transition back throu
 `check_same_transitions` compares them with the dataset exactly (run before every training).
 
 Scoring. The deterministic policy (``algo.predict``) plays the episodes of `vgf_prob.rl.evaluate.evaluate`
-seeded ``eval_seed + k``, as VGF's evaluation does. Each evaluation writes one row of VGF's eval.csv
-columns (``step, policy, L_test, score, score_std, mean_return, return_std, episodes, score_kind``)
-plus ``seed`` and ``train_cpu_s`` (CPU seconds of this process spent in training since step 0,
-evaluation excluded; `time.process_time`, one torch thread recommended).
+seeded ``eval_seed + k``, as VGF's evaluation does. Each evaluation makes one row of VGF's eval.csv
+(``step`` and `vgf_prob.rl.evaluate.ROW_COLUMNS`, the one result-row schema; budget empty: no flow) plus
+``seed`` and ``train_cpu_s`` (CPU seconds of this process spent in training since step 0, evaluation
+excluded; `time.process_time`, one torch thread recommended).
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ import torch
 
 from vgf_prob.rl.offline_dataset import OfflineDataset
 
-ROW_COLUMNS = ("step", "policy", "L_test", "score", "score_std", "mean_return", "return_std", "episodes",
-               "score_kind", "seed", "train_cpu_s")  # fmt: skip
 # Departures from d3rlpy's reproduction scripts: encoders sized by ``hidden_dims``; schedules span the run.
 PEER_SETTINGS = {
     "iql": "reproductions/offline/iql.py: lr 3e-4/3e-4, actor cosine schedule (T_max = steps), batch 256, "
@@ -167,15 +165,13 @@ def check_same_transitions(dataset: OfflineDataset, buffer: Any) -> None:
 
 
 def _eval_row(algo: Any, name: str, env_name: str, episodes: int, eval_seed: int) -> dict[str, Any]:
-    from vgf_prob.rl.evaluate import evaluate
+    from vgf_prob.rl.evaluate import ROW_COLUMNS, evaluate, score_row
 
     def act(obs: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(algo.predict(obs.cpu().numpy()), dtype=torch.float32)
 
-    result = evaluate(act, env_name, episodes, eval_seed)
-    return {"policy": POLICY_NAMES[name], "L_test": None, "score": result.score, "score_std": result.score_std,
-            "mean_return": result.mean_return, "return_std": result.std_return, "episodes": result.num_episodes,
-            "score_kind": result.score_kind}  # fmt: skip
+    row = score_row(POLICY_NAMES[name], None, None, evaluate(act, env_name, episodes, eval_seed)).to_dict()
+    return {k: row[k] for k in ROW_COLUMNS}
 
 
 def train_peer(
@@ -192,7 +188,7 @@ def train_peer(
 ) -> list[dict[str, Any]]:
     """Train peer ``name`` for ``total_steps`` updates; evaluate every ``eval_every`` steps and at the end.
 
-    Returns the rows (`ROW_COLUMNS`), each also handed to ``on_row`` as it is made. Episodes are seeded
+    Returns the rows (`columns()`), each also handed to ``on_row`` as it is made. Episodes are seeded
     ``eval_seed + k`` (default ``seed``, as VGF's evaluation of seed ``seed``).
     """
     if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
@@ -239,18 +235,25 @@ def load_dataset(
     return load_d4rl_hdf5(dataset, env_name=env_name), env_name
 
 
+def columns() -> tuple[str, ...]:
+    """A peer row's columns: VGF's eval.csv (``step`` and the result-row schema), then ``seed``, ``train_cpu_s``."""
+    from vgf_prob.rl.evaluate import ROW_COLUMNS
+
+    return ("step", *ROW_COLUMNS, "seed", "train_cpu_s")
+
+
 class _RowFile:
-    """``eval.csv`` in ``ROW_COLUMNS`` order, one row appended (and flushed) as each evaluation finishes."""
+    """``eval.csv`` in `columns` order, one row appended (and flushed) as each evaluation finishes."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path, self.columns = path, columns()
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
-            csv.writer(f).writerow(ROW_COLUMNS)
+            csv.writer(f).writerow(self.columns)
 
     def __call__(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow(["" if row[k] is None else row[k] for k in ROW_COLUMNS])
+            csv.writer(f).writerow(["" if row[k] is None else row[k] for k in self.columns])
         print(f"{row['policy']} seed {row['seed']} step {row['step']}: score {row['score']:.1f} ± "
               f"{row['score_std']:.1f}, {row['train_cpu_s']:.1f} CPU s", flush=True)  # fmt: skip
 
