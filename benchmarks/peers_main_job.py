@@ -3,6 +3,7 @@
     python benchmarks/peers_main_job.py --dataset reacher-spin-v0 --seeds 0 1 2 --out benchmarks/results/peers/spin.json
     python benchmarks/peers_main_job.py --dataset reacher-mixed-v0 --seeds 0 --peers --probes --config alpha=0.004
     python benchmarks/peers_main_job.py --merge a.json b.json --out all.json   # seeds run apart, one summary
+    python benchmarks/peers_main_job.py --merge vgf.json --peers-from peers.json --out all.json  # + peer rows
 
 Per seed: VGF (the quick start's agent, `QUICKSTART_AGENT`, plus ``--config`` overrides) trained by
 `vgf_prob.rl.run.trainer.train`; then on the episodes seeded ``seed + k`` (as `vgf-prob train --seed S` evaluates):
@@ -130,7 +131,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise SystemExit(f"seed {run['seed']} scored other policies than seed {runs[0]['seed']}: not the same job")
     out = []
     for policy, budget in keys:
-        scores = [next(r["score"] for r in run["rows"] if (r["policy"], r["L_test"]) == (policy, budget)) for run in runs]
+        scores = [next(r["score"] for r in run["rows"] if (r["policy"], r["L_test"]) == (policy, budget))
+                  for run in runs]
         std = statistics.stdev(scores) if len(scores) > 1 else 0.0
         first = next(r for r in runs[0]["rows"] if (r["policy"], r["L_test"]) == (policy, budget))
         out.append({"policy": policy, "L_test": budget, "N": first.get("N"), "passes": first.get("passes_per_state"),
@@ -139,15 +141,27 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def merge(paths: list[Path], out: Path) -> int:
-    """One result file from several (the same job, other seeds): seeds are independent, so runs concatenate."""
+def merge(paths: list[Path], out: Path, peers_from: Path | None = None) -> int:
+    """One result file from several: other seeds of the same job concatenate (seeds are independent), and a
+    seed's runs from two files join when they scored different policies (e.g. the peers, which do not depend
+    on VGF's settings, beside a VGF run with other settings on the same episodes)."""
     records = [json.loads(p.read_text()) for p in paths]
     if len({r["dataset"] for r in records}) != 1:
         raise SystemExit(f"--merge: the files hold different datasets: {sorted({r['dataset'] for r in records})}")
-    runs = sorted((run for r in records for run in r["runs"]), key=lambda run: run["seed"])
-    seeds = [run["seed"] for run in runs]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--merge: a seed appears twice ({seeds}): each seed once")
+    by_seed: dict[int, dict[str, Any]] = {}
+    for run in (run for r in records for run in r["runs"]):
+        joined = by_seed.setdefault(run["seed"], {"seed": run["seed"], "rows": []})
+        if {r["policy"] for r in joined["rows"]} & {r["policy"] for r in run["rows"]}:
+            raise SystemExit(f"--merge: seed {run['seed']} scores a policy twice: each seed and policy once")
+        joined["rows"] += run["rows"]
+        joined |= {k: v for k, v in run.items() if k not in ("seed", "rows")}
+    if peers_from is not None:  # the peers' rows of the same seeds (they do not depend on VGF's settings)
+        from vgf_prob.rl.peers import POLICY_NAMES
+
+        for run in json.loads(peers_from.read_text())["runs"]:
+            if run["seed"] in by_seed:
+                by_seed[run["seed"]]["rows"] += [r for r in run["rows"] if r["policy"] in POLICY_NAMES.values()]
+    runs = [by_seed[seed] for seed in sorted(by_seed)]
     record = {"merged": [str(p) for p in paths], "dataset": records[0]["dataset"], "runs": runs,
               "summary": summarise(runs)}  # fmt: skip
     out.write_text(json.dumps(record, indent=1, default=float))
@@ -203,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--normalize-obs", action="store_true", help="VGF on standardised observations")
     parser.add_argument("--probes", action="store_true", help="measure the hypotheses (main_job_search.md)")
     parser.add_argument("--out", type=Path, required=True, help="JSON results file")
+    parser.add_argument("--peers-from", type=Path, help="with --merge: add this file's peer rows of the same seeds")
     parser.add_argument("--merge", type=Path, nargs="+",
-                        help="no training: summarise the runs of these files (seeds run apart) into --out and a PNG beside it")  # fmt: skip
+                        help="no training: summarise these files' runs into --out and a PNG beside it")  # fmt: skip
     args = parser.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.peers_from)
     torch.set_num_threads(1)
     from vgf_prob.rl.peers import _quiet_d3rlpy, load_dataset, train_peer
 
