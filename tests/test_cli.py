@@ -71,7 +71,7 @@ def test_quickstart_trains_and_compares_bc_best_of_n_and_vgf(quickstart_run, cap
     assert costs["VGF"] == 50 and costs[matched] == 17 * 3 and costs["best-of-N"] == 10 * 3
     assert summary["run"]["env_name"] == TINY_QUICKSTART.dataset
     assert (out / "latest.pt").exists() and (out / "learning_curve.png").stat().st_size > 0
-    assert (out / "eval.csv").read_text().count("\n") == 5  # the matched row at the final evaluation only
+    assert (out / "eval.csv").read_text().count("\n") == 5
 
 
 def test_eval_budget_sweep_writes_json_and_png(quickstart_run, tmp_path, capsys):
@@ -112,6 +112,10 @@ def test_eval_frontier_of_a_trained_run_writes_finite_rows_in_the_row_schema_and
     assert "several runs need --frontier" in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--frontier", "--budgets", "0"]) == 2
     assert "whole numbers >= 1" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--frontier", "--operators", "beam"]) == 2
+    assert "--operators: unknown ['beam']" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), str(out), "--frontier"]) == 2  # one seed twice: before any episode
+    assert "each run name needs one run of every task" in capsys.readouterr().err
 
 
 def test_data_inspect_prints_a_summary(quickstart_run, capsys):

@@ -109,8 +109,8 @@ bootstrap interval) and frontier.png (score against both cost axes) to --out (de
 Cost columns, per action, counted while the episodes ran: passes_per_action, critic-pass equivalents (a BC
 Euler step of one particle = 1, a value evaluation = 1, a value-gradient evaluation = 2; best-of-N with a
 K-step sampler costs N (K + 1), each flow step adds 2 N); ms_per_action and cpu_ms_per_action, wall and
-process-CPU milliseconds inside the act calls; reference_passes_, value_evaluations_,
-value_gradient_evaluations_ and particles_per_action, the rows of each kind."""
+process-CPU milliseconds inside the act calls; {reference_passes, value_evaluations,
+value_gradient_evaluations, particles}_per_action, the rows of each kind."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -488,12 +488,16 @@ def format_table(rows: Sequence[Mapping[str, Any]], title: str | None = None, pr
     table = Table(title=title)
     for column in columns:
         table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*(_cell(row.get(column)) for column in columns))
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    for line in cells:
+        table.add_row(*line)
+    # wide enough for every cell on one line (a long policy name such as a matched best-of-M does not wrap)
+    natural = 1 + sum(3 + max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns))
+    width = min(max(80, 14 * len(columns), natural), 240)
     if print_table:  # never narrower than the plain-text copy: a wide table overflows rather than squeezes
-        Console(width=max(Console().width, 14 * len(columns))).print(table)
+        Console(width=max(Console().width, width)).print(table)
     buffer = StringIO()
-    Console(file=buffer, width=max(80, 14 * len(columns)), no_color=True, color_system=None).print(table)
+    Console(file=buffer, width=width, no_color=True, color_system=None).print(table)
     return buffer.getvalue()
 
 

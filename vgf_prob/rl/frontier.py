@@ -231,7 +231,7 @@ def frontier_from_runs(
                                       agent.config.flow_steps)  # fmt: skip
         timing = run.get("dataset_metadata", {}).get("success_timing")  # OGBench: as the data was labelled
         rows += frontier_rows(agent, run["env_name"], settings, num_episodes=num_episodes, seed=seed,
-                              num_envs=num_envs, run=path.parent.name if path.name == "latest.pt" else path.stem,
+                              num_envs=num_envs, run=run_label(path),
                               env_kwargs=None if timing is None else {"success_timing": timing},
                               progress=progress)  # fmt: skip
     table = aggregate_frontier(rows)
@@ -242,6 +242,12 @@ def frontier_from_runs(
         plot_frontier(table, folder / "frontier.png", f"test-time compute frontier, {len(run_dirs)} run(s), "
                                                       f"{num_episodes} episodes")  # fmt: skip
     return rows, table
+
+
+def run_label(path: Path) -> str:
+    """The run name of a checkpoint path in frontier rows: its folder's name for a run directory's latest.pt
+    (``runs/hopper/seed0/latest.pt`` -> ``seed0``, so seeds pair up across tasks), else the file's stem."""
+    return path.parent.name if path.name == "latest.pt" else path.stem
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any], Path]:
@@ -256,4 +262,4 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict[str, A
 
 
 __all__ = ["COST_COLUMNS", "OPERATORS", "Setting", "aggregate_frontier", "frontier_from_runs", "frontier_rows",
-           "load_run", "matched_particles", "plot_frontier", "sweep_settings"]
+           "load_run", "matched_particles", "plot_frontier", "run_label", "sweep_settings"]

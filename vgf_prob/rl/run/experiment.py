@@ -340,22 +340,40 @@ def evaluate_frontier(
     import torch
 
     from vgf_prob.rl.evaluate import format_table
-    from vgf_prob.rl.frontier import frontier_from_runs
+    from vgf_prob.rl.frontier import OPERATORS, frontier_from_runs
     from vgf_prob.rl.run.run_dir import check_device
 
     if any(float(b) < 1 or not float(b).is_integer() for b in budgets):
         raise TrainingSetupError(f"--frontier: --budgets are the flows' L_test, whole numbers >= 1; got {list(budgets)}")
+    if unknown := [op for op in operators if op not in OPERATORS]:
+        raise TrainingSetupError(f"--operators: unknown {unknown}; expected any of {', '.join(OPERATORS)}")
     check_device(device)
+    _check_frontier_runs(runs)
     torch.set_num_threads(1 if threads is None else threads)
-    try:
-        _, table = frontier_from_runs(runs, particle_counts=particles, budgets=[int(b) for b in budgets],
-                                      operators=operators, num_episodes=episodes, seed=seed, out=out, device=device,
-                                      progress=progress)  # fmt: skip
-    except ValueError as err:  # an unknown operator; runs that do not share their tasks
-        raise TrainingSetupError(str(err)) from err
+    _, table = frontier_from_runs(runs, particle_counts=particles, budgets=[int(b) for b in budgets],
+                                  operators=operators, num_episodes=episodes, seed=seed, out=out, device=device,
+                                  progress=progress)  # fmt: skip
     columns = ("label", "runs", "tasks", "score", "score_low", "score_high", "passes_per_action", "cpu_ms_per_action")
     format_table([{c: row[c] for c in columns} for row in table], title="test-time frontier (IQM over runs)")
     return Path(out)
+
+
+def _check_frontier_runs(runs: Sequence[str | Path]) -> None:
+    """Before any episode: the runs' (name, environment) cells fill a [runs, tasks] grid exactly once each, as
+    the frontier's IQM over runs and tasks needs (runs pair up by `vgf_prob.rl.frontier.run_label`)."""
+    from vgf_prob.rl.frontier import run_label
+
+    cells = []
+    for run in runs:
+        path = resolve_checkpoint(run)
+        env_name = load_checkpoint(path).get("run", {}).get("env_name")
+        if env_name is None:
+            raise TrainingSetupError(f"{path} does not record an environment; the frontier needs it")
+        cells.append((run_label(path), env_name))
+    names, tasks = {name for name, _ in cells}, {task for _, task in cells}
+    if len(set(cells)) != len(cells) or len(cells) != len(names) * len(tasks):
+        raise TrainingSetupError(f"--frontier: each run name needs one run of every task (names are run folders, "
+                                 f"e.g. seed0); got {sorted(cells)}")  # fmt: skip
 
 
 def _plot_sweep(rows: list[Any], png: Path, env_name: str, budget_type: str, step: int, episodes: int) -> None:

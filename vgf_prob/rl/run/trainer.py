@@ -283,11 +283,8 @@ class _Loop:
         t0 = time.perf_counter()
         spec = self.spec
         try:
-            # the compute-matched best-of-M rows at the final evaluation only: they would add about 70 % to every
-            # evaluation of the quick start (5 more policies beside 7)
             rows = compare_policies(self.agent, spec.env, spec.budgets, spec.eval_episodes, spec.seed, step,
-                                    env_kwargs=self.env_kwargs, progress=spec.progress,
-                                    matched=step == spec.steps)  # fmt: skip
+                                    env_kwargs=self.env_kwargs, progress=spec.progress)  # fmt: skip
         except FloatingPointError as err:
             if not spec.allow_nonfinite:
                 self._diverged(step, f"values at evaluation ({err})")
