@@ -139,7 +139,8 @@ def test_a_score_row_carries_its_episode_interval_and_its_cost_per_action():
                 wall_s=0.004, cpu_s=0.002)  # fmt: skip
     row = score_row("VGF", 3, "steps", result, cost, num_particles=5)
     half = 1.959963984540054 * statistics.stdev(scores) / 2  # 95 %: 1.96 sample std / sqrt(4)
-    assert row.score == 3.0 and row.score_low == pytest.approx(3.0 - half) and row.score_high == pytest.approx(3.0 + half)
+    assert row.score == 3.0
+    assert (row.score_low, row.score_high) == (pytest.approx(3.0 - half), pytest.approx(3.0 + half))
     assert (row.passes_per_action, row.reference_passes_per_action, row.value_gradient_evaluations_per_action,
             row.particles_per_action, row.ms_per_action, row.cpu_ms_per_action) == (80, 40, 10, 5, 2, 1)  # fmt: skip
     assert set(row.to_dict()) == {*ROW_COLUMNS, *COST_COLUMNS, "score_low", "score_high", "num_particles"}

@@ -378,6 +378,9 @@ def standard_policies(budgets: Sequence[float], budget_type: str = "steps", max_
     return policies
 
 
+MATCHED_PREFIX = "best-of-M="  # the name of every compute-matched best-of-M policy begins so
+
+
 def matched_policies(budgets: Sequence[float], num_particles: int, flow_steps: int) -> list[Policy]:
     """Per step budget L > 0: best-of-M at the M whose critic-pass equivalents equal those of VGF with N =
     ``num_particles`` particles, L steps and a ``flow_steps``-step BC sampler (`vgf_prob.rl.frontier.
@@ -387,7 +390,8 @@ def matched_policies(budgets: Sequence[float], num_particles: int, flow_steps: i
     policies = []
     for steps in sorted({int(b) for b in budgets if b > 0}):
         m = matched_particles(num_particles, steps, flow_steps)
-        policies.append(Policy(f"best-of-M={m} (matched to VGF L_test={steps})", _acting_at(0, m), num_particles=m))
+        policies.append(Policy(f"{MATCHED_PREFIX}{m} (matched to VGF L_test={steps})", _acting_at(0, m),
+                               num_particles=m))  # fmt: skip
     return policies
 
 

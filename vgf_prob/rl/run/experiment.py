@@ -12,8 +12,9 @@ second): a scripted expert whose every action is replaced, with probability 1/2,
 (``reacher-mixed-v0``, `GENERATED_EPISODES` episodes). The paper's D4RL setting (Stein variant, N = 10,
 K = 10, TD targets with the min over the two heads, the flow with their mean, vgf_lr 0.1, alpha 0.1) with
 2 x 128 networks instead of 4 x 512 and L_train = 1 instead of 5 (2.3x cheaper per update); then the BC
-reference, best-of-N (L_test = 0) and VGF (L_test > 0) on the same seeded episodes, every ``eval_every``
-steps, scored as D4RL scores: 0 = uniform random actions, 100 = the scripted expert. One torch thread: the
+reference, best-of-N (L_test = 0), VGF (L_test > 0) and the best-of-M matched to each VGF budget's cost on
+the same seeded episodes, every ``eval_every`` steps, scored as D4RL scores: 0 = uniform random actions,
+100 = the scripted expert (the 3 min 35 s predate the matched rows: about 12 CPU s more). One torch thread: the
 networks are small, and on a busy 2-core machine OpenMP oversubscription made an update 16x slower with 2
 threads than with 1. The search that chose this: benchmarks/main_job_search.md.
 """
@@ -344,7 +345,7 @@ def evaluate_frontier(
     from vgf_prob.rl.run.run_dir import check_device
 
     if any(float(b) < 1 or not float(b).is_integer() for b in budgets):
-        raise TrainingSetupError(f"--frontier: --budgets are the flows' L_test, whole numbers >= 1; got {list(budgets)}")
+        raise TrainingSetupError(f"--frontier: --budgets are the flows' L_test, whole numbers >= 1; got {budgets}")
     if unknown := [op for op in operators if op not in OPERATORS]:
         raise TrainingSetupError(f"--operators: unknown {unknown}; expected any of {', '.join(OPERATORS)}")
     check_device(device)

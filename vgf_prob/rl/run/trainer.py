@@ -46,7 +46,7 @@ import torch
 
 from vgf_prob.rl.checkpoint import LATEST, RunLock, capture_rng_state, load_latest, restore_rng_state, save_checkpoint
 from vgf_prob.rl.config import VGFConfig
-from vgf_prob.rl.evaluate import ScoreRow, compare_policies, format_scores
+from vgf_prob.rl.evaluate import MATCHED_PREFIX, ScoreRow, compare_policies, format_scores
 from vgf_prob.rl.offline_dataset import OfflineDataset
 from vgf_prob.rl.run.logs import CSVSink, MetricWindow, check_sinks, make_sinks, read_eval_rows
 from vgf_prob.rl.run.online import Online, load_initial_agent, online_reward_transform
@@ -357,7 +357,9 @@ def _plot_learning_curve(out_dir: Path, title: str) -> Path | None:
     """``learning_curve.png``: the main losses and, once evaluated twice or more, each policy's score."""
     from vgf_prob.rl.plots import SCORE_LABELS, plot_learning_curve
 
-    evaluations = read_eval_rows(out_dir / "eval.csv")
+    # the compute-matched best-of-M rows stay out of the curve (they are in eval.csv and the tables): five more
+    # lines in the quick start's panel would hide the rest
+    evaluations = [(s, r) for s, r in read_eval_rows(out_dir / "eval.csv") if not r.policy.startswith(MATCHED_PREFIX)]
     rows: list[dict[str, Any]] = []
     scores: list[str] = []
     if len({step for step, _ in evaluations}) > 1:  # one point per panel is no curve
