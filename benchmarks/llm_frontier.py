@@ -9,7 +9,7 @@ Setting (the demo's models, sized for a shared 2-core CPU):
   answer is below tau = the 2nd percentile of its own training answers (``FluencyGatedSentiment``).
 - fluency (x axis): the base model's log-likelihood per token of the chosen answer.
 - methods, on the first N answers of the same pool: best-of-N (N = 1 .. 64; N = 1 is a plain sample); VGF on
-  the first 8 answers (Stein field, Euler step 4, L steps, W2 radius r, straight-through decoding to whole
+  the first 8 answers (Stein field, Euler step h, at most L steps, W2 radius r, straight-through decoding to whole
   words), with the extensions: the base-model term (the choice among VGF's decoded answers, or best-of-N's,
   by r + beta * log mu per token) and a decoder restricted to words the base model wrote in its training
   answers. Costs are counted by the models (``ComputeCost``): per prompt, reward-model forward passes (a
@@ -17,10 +17,13 @@ Setting (the demo's models, sized for a shared 2-core CPU):
 - error bars: 95 % percentile-bootstrap intervals of the mean over (prompt, seed) pairs (20 x 3 = 60).
 
     python benchmarks/llm_frontier.py                        # rows -> benchmarks/results/llm_frontier.jsonl, + PNG
-    python benchmarks/llm_frontier.py --seeds 0 --prompts 6 --vgf 3:16:words --out /tmp/f   # a quick look
+    # the README's table also has these two runs, appended to the same JSONL:
+    python benchmarks/llm_frontier.py --sizes --vgf 7:10:4:words:beta 7:12:4:words:beta 7:12:4:seen --extra-vgf
+    python benchmarks/llm_frontier.py --sizes --beta-sizes 16 32 --vgf --extra-vgf
+    python benchmarks/llm_frontier.py --seeds 0 --prompts 6 --vgf 3:16:8:words --extra-vgf --out /tmp/f  # a quick look
 
 Rows are appended as each (seed, method) finishes, so an interrupted run keeps what it measured; ``--plot-only``
-redraws the PNG from the JSONL.
+redraws the table and PNG from the JSONL (a setting measured twice for one seed counts once).
 """
 
 from __future__ import annotations
@@ -105,11 +108,11 @@ def measure(gold: FluencyGatedSentiment, prompts: Sequence[str], texts: Sequence
     return {name: value.float().tolist() for name, value in details.items()}
 
 
-def best_of_n_rows(reward_model, base, gold, prompts, samples, sizes, betas) -> list[dict]:
-    """best-of-N on the first N answers for each N, with the base-model term for each beta > 0 (at N = 8 only:
-    it needs log mu of every candidate, the most expensive pass on this CPU)."""
+def best_of_n_rows(reward_model, base, gold, prompts, samples, sizes, betas, beta_sizes) -> list[dict]:
+    """best-of-N on the first N answers for each N in sizes, and with the base-model term for each beta at each N
+    in beta_sizes (it needs log mu of every candidate, the most expensive pass on this CPU)."""
     rows = []
-    for n, beta in [(n, 0.0) for n in sizes] + [(8, beta) for beta in betas]:
+    for n, beta in [(n, 0.0) for n in sizes] + [(n, beta) for n in beta_sizes for beta in betas]:
         method = BestOfN(reward_model, base if beta > 0 else None, base_weight=beta)
         refinement = method(prompts, [group[:n] for group in samples])
         rows.append(_row("best-of-N", refinement, gold, prompts, n=n, beta=beta))
@@ -168,7 +171,9 @@ def aggregate(rows: list[dict], resamples: int = 2000) -> list[dict]:
     """Per setting: means over (prompt, seed) pairs with 95 % bootstrap intervals, and the mean cost per prompt."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault(tuple(row.get(k) for k in KEY), []).append(row)
+        members = groups.setdefault(tuple(row.get(k) for k in KEY), [])
+        if all(m["seed"] != row["seed"] for m in members):  # a setting rerun for the same seed counts once
+            members.append(row)
     generator = torch.Generator().manual_seed(0)
     out = []
     for key, members in groups.items():
@@ -193,56 +198,76 @@ def label(s: dict) -> str:
 
 def table(summaries: list[dict]) -> str:
     """Markdown: one line per setting, gold and fluency with 95 % intervals, costs per prompt."""
-    lines = ["| method | RM forward (of which +backward) | LM samples | gold | fluency (nats/token) | gate passed | VADER |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | RM forward (of which +backward) | LM samples | gold | fluency (nats/token) | gate passed | VADER | proxy r |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in sorted(summaries, key=lambda s: (s["method"] != "best-of-N", s.get("decoder") or "", s["beta"], s["n"], s.get("steps") or 0, s.get("radius") or 0)):
         c = s["cost"]
         gold, fluency = s["gold"], s["fluency"]
         lines.append(f"| {label(s)} | {c['rm_forward']:.0f} ({c['rm_backward']:.0f}) | {c['lm_samples']:.0f} | "
                      f"{gold['mean']:.3f} [{gold['low']:.3f}, {gold['high']:.3f}] | "
                      f"{fluency['mean']:.2f} [{fluency['low']:.2f}, {fluency['high']:.2f}] | "
-                     f"{s['passed']['mean']:.2f} | {s['vader']['mean']:.3f} |")  # fmt: skip
+                     f"{s['passed']['mean']:.2f} | {s['vader']['mean']:.3f} | {s['proxy']['mean']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def plot(summaries: list[dict], path: Path, title: str) -> None:
+    """Gold vs fluency (all settings, then the fluent corner enlarged) and gold vs reward-model passes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    figure, (left, zoom, right) = plt.subplots(1, 3, figsize=(18, 5.8))
+    for axis in (left, zoom):
+        _frontier(axis, summaries)
+    fluent = [s for s in summaries if s["fluency"]["mean"] > -2.3]
+    zoom.set_xlim(min(s["fluency"]["low"] for s in fluent) - 0.05, max(s["fluency"]["high"] for s in fluent) + 0.05)
+    zoom.set_ylim(min(s["gold"]["low"] for s in fluent) - 0.05, max(s["gold"]["high"] for s in fluent) + 0.05)
+    left.set_title("gold vs fluency (95 % bootstrap intervals)")
+    zoom.set_title("the fluent corner, enlarged")
     bon = sorted([s for s in summaries if s["method"] == "best-of-N" and not s["beta"]], key=lambda s: s["n"])
-    styles = {("words", False): ("o", "C1"), ("words", True): ("^", "C2"), ("seen", False): ("s", "C3"), ("seen", True): ("v", "C4")}
-    _errorbar(left, bon, "fluency", "gold", "k-", "best-of-N (N = 1..64)", [f"{s['n']}" for s in bon])
-    for s in [s for s in summaries if s["method"] == "best-of-N" and s["beta"]]:
-        _errorbar(left, [s], "fluency", "gold", "kD", None, [f"{s['n']}+b{s['beta']:g}"], mfc="none")
-    for s in [s for s in summaries if s["method"] == "VGF"]:
-        marker, colour = styles[("words" if s["decoder"] == "words" else "seen", bool(s["beta"]))]
-        _errorbar(left, [s], "fluency", "gold", marker, None, [f"L{s['steps']} r{s['radius']:g}" + (f" b{s['beta']:g}" if s["beta"] else "")], color=colour)
-    for (decoder, base_term), (marker, colour) in styles.items():
+    right.errorbar([s["cost"]["rm_forward"] for s in bon], [s["gold"]["mean"] for s in bon], yerr=_yerr(bon, "gold"),
+                   fmt="k-o", capsize=2, markersize=4)  # fmt: skip
+    for s in [s for s in summaries if s["method"] == "VGF" and not s["beta"]]:
+        marker, colour = STYLES[(s["decoder"], False)]
+        right.errorbar([s["cost"]["rm_forward"]], [s["gold"]["mean"]], yerr=_yerr([s], "gold"), fmt=marker, color=colour,
+                       capsize=2, markersize=5)  # fmt: skip
+        right.annotate(_short(s), (s["cost"]["rm_forward"], s["gold"]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    right.set_xscale("log", base=2)
+    right.set(xlabel="reward-model forward passes per prompt, counted (flow step = fwd + bwd)", ylabel="gold score",
+              title="gold vs reward-model passes (best-of-N: N passes, N LM samples; VGF-8: 8 LM samples)")  # fmt: skip
+    right.title.set_fontsize(9)
+    present = {(s["decoder"], bool(s["beta"])) for s in summaries if s["method"] == "VGF"}
+    for (decoder, base_term), (marker, colour) in [(key, style) for key, style in STYLES.items() if key in present]:
         name = "VGF-8" + (", words seen in mu's answers" if decoder == "seen" else "") + (", + base-model term" if base_term else "")
         left.plot([], [], marker, color=colour, label=name)
     left.plot([], [], "kD", mfc="none", label="best-of-N + base-model term")
-    left.set(xlabel="fluency: base-model log-likelihood per token of the chosen answer", ylabel="gold score (gated VADER)",
-             title="gold vs fluency (95 % bootstrap intervals)")  # fmt: skip
-    left.legend(fontsize=7, loc="lower left")
-    xs = [s["cost"]["rm_forward"] for s in bon]
-    right.errorbar(xs, [s["gold"]["mean"] for s in bon], yerr=_yerr(bon, "gold"), fmt="k-o", capsize=2, label="best-of-N: N calls, N LM samples")
-    for s in [s for s in summaries if s["method"] == "VGF" and not s["beta"]]:
-        marker, colour = styles[("words" if s["decoder"] == "words" else "seen", False)]
-        right.errorbar([s["cost"]["rm_forward"]], [s["gold"]["mean"]], yerr=_yerr([s], "gold"), fmt=marker, color=colour, capsize=2)
-        right.annotate(f"L{s['steps']} r{s['radius']:g}", (s["cost"]["rm_forward"], s["gold"]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    right.plot([], [], "o", color="C1", label="VGF-8: 8 LM samples; calls = 8 (L + 1)")
-    right.set_xscale("log", base=2)
-    right.set(xlabel="reward-model forward passes per prompt (a flow step = forward + backward)", ylabel="gold score",
-              title="gold vs reward-model calls")  # fmt: skip
-    right.legend(fontsize=7, loc="lower right")
+    figure.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+STYLES = {("words", False): ("o", "C1"), ("words", True): ("^", "C2"), ("seen", False): ("s", "C3"), ("seen", True): ("v", "C4")}
+
+
+def _short(s: dict) -> str:
+    if s["method"] == "best-of-N":
+        return f"{s['n']}" + (f" +b{s['beta']:g}" if s["beta"] else "")
+    return f"L{s['steps']} r{s['radius']:g} h{s['step_size']:g}" + (f" +b{s['beta']:g}" if s["beta"] else "")
+
+
+def _frontier(axis, summaries: list[dict]) -> None:
+    bon = sorted([s for s in summaries if s["method"] == "best-of-N" and not s["beta"]], key=lambda s: s["n"])
+    _errorbar(axis, bon, "fluency", "gold", "k-", "best-of-N (N = 1 .. 64)", [_short(s) for s in bon])
+    for s in [s for s in summaries if s["method"] == "best-of-N" and s["beta"]]:
+        _errorbar(axis, [s], "fluency", "gold", "kD", None, [_short(s)], mfc="none")
+    for s in [s for s in summaries if s["method"] == "VGF"]:
+        marker, colour = STYLES[(s["decoder"], bool(s["beta"]))]
+        _errorbar(axis, [s], "fluency", "gold", marker, None, [_short(s)], color=colour)
+    axis.set(xlabel="fluency: base-model log-likelihood per token of the chosen answer", ylabel="gold score (gated VADER)")
 
 
 def _yerr(items: list[dict], name: str) -> list[list[float]]:
@@ -270,16 +295,21 @@ def run(args: argparse.Namespace) -> None:
     prompts = TEST_PROMPTS[: args.prompts]
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "llm_frontier.jsonl"
-    (args.out / "llm_frontier_setup.json").write_text(json.dumps({"tau": tau, **fit, "prompts": list(prompts),
-        "sampling": SAMPLING, "threads": args.threads, "vgf": args.vgf, "betas": args.betas}, indent=1))  # fmt: skip
+    setup_path = args.out / "llm_frontier_setup.json"
+    setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
+    setup.setdefault("invocations", [])
+    setup.update({"tau": tau, **fit, "prompts": list(prompts), "sampling": SAMPLING, "threads": args.threads})
+    setup["invocations"].append({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    setup_path.write_text(json.dumps(setup, indent=1))
     print(f"tau = {tau:.3f} nats/token; proxy fit correlation {fit['train_correlation']:.2f}", flush=True)
     tick = time.process_time()
     # core first over every seed, extensions after: an interrupted run still has complete core settings
     for phase, specs in (("core", args.vgf), ("extensions", args.extra_vgf)):
         for seed in args.seeds:
             samples = pool(base, f"test-seed{seed}", prompts, 64, seed=100 + seed)
-            sizes, betas = (args.sizes, []) if phase == "core" else ([], args.betas)
-            _write(rows_path, seed, best_of_n_rows(reward_model, base, gold, prompts, samples, sizes, betas))
+            if phase == "core":
+                _write(rows_path, seed, best_of_n_rows(reward_model, base, gold, prompts, samples, args.sizes,
+                                                       args.betas, args.beta_sizes))  # fmt: skip
             for spec in specs:
                 steps, radius, step_size, decoder, *with_beta = spec.split(":")
                 setting = {"steps": int(steps), "radius": float(radius), "step_size": float(step_size), "decoder": decoder}
@@ -312,13 +342,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prompts", type=int, default=20, help="use the first K held-out prompts")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="best-of-N sizes")
-    parser.add_argument("--vgf", nargs="+", default=["3:6:8:words", "3:12:8:words", "7:8:4:words", "7:16:8:words", "20:32:4:words"],
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64], help="best-of-N sizes")
+    parser.add_argument("--vgf", nargs="*", default=["3:6:8:words", "3:12:8:words", "7:8:4:words", "7:16:8:words", "20:32:4:words"],
                         help="VGF settings STEPS:RADIUS:EULER_STEP:DECODER (W2 radius per prompt in MiniLM embedding "
                              "units; decoder 'words' = whole words, 'seen' = words in the base model's training answers)")
     parser.add_argument("--extra-vgf", nargs="*", default=["3:6:8:words:beta", "7:16:8:words:beta", "3:6:8:seen", "7:16:8:seen"],
                         help="run after the core settings over all seeds; a trailing ':beta' adds the base-model term")
     parser.add_argument("--betas", type=float, nargs="*", default=[1.0], help="base-model term weights")
+    parser.add_argument("--beta-sizes", type=int, nargs="*", default=[8], help="best-of-N sizes with the base-model term")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--plot-only", action="store_true", help="redraw the table and PNG from the JSONL")
