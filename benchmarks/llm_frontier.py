@@ -16,7 +16,7 @@ Setting (the demo's models, sized for a shared 2-core CPU):
   flow step is one forward+backward pass per particle) and LM samples.
 - error bars: 95 % percentile-bootstrap intervals of the mean over (prompt, seed) pairs (20 x 3 = 60).
 
-    python benchmarks/llm_frontier.py                        # rows -> benchmarks/results/llm_frontier.jsonl, + PNG
+    python benchmarks/llm_frontier.py       # rows -> benchmarks/results/llm_frontier.jsonl, docs/llm_frontier.png
     # the README's table also has these two runs, appended to the same JSONL:
     python benchmarks/llm_frontier.py --sizes --vgf 7:10:4:words:beta 7:12:4:words:beta 7:12:4:seen --extra-vgf
     python benchmarks/llm_frontier.py --sizes --beta-sizes 16 32 --vgf --extra-vgf
@@ -228,8 +228,11 @@ def plot(summaries: list[dict], path: Path, title: str) -> None:
     bon = sorted([s for s in summaries if s["method"] == "best-of-N" and not s["beta"]], key=lambda s: s["n"])
     right.errorbar([s["cost"]["rm_forward"] for s in bon], [s["gold"]["mean"] for s in bon], yerr=_yerr(bon, "gold"),
                    fmt="k-o", capsize=2, markersize=4)  # fmt: skip
-    for s in [s for s in summaries if s["method"] == "VGF" and not s["beta"]]:
-        marker, colour = STYLES[(s["decoder"], False)]
+    for s in [s for s in summaries if s["method"] == "best-of-N" and s["beta"]]:
+        right.errorbar([s["cost"]["rm_forward"]], [s["gold"]["mean"]], yerr=_yerr([s], "gold"), fmt="kD", mfc="none", capsize=2)
+        right.annotate(_short(s), (s["cost"]["rm_forward"], s["gold"]["mean"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    for s in [s for s in summaries if s["method"] == "VGF"]:
+        marker, colour = STYLES[(s["decoder"], bool(s["beta"]))]
         right.errorbar([s["cost"]["rm_forward"]], [s["gold"]["mean"]], yerr=_yerr([s], "gold"), fmt=marker, color=colour,
                        capsize=2, markersize=5)  # fmt: skip
         right.annotate(_short(s), (s["cost"]["rm_forward"], s["gold"]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -317,7 +320,7 @@ def run(args: argparse.Namespace) -> None:
                                 args.betas if with_beta else [])  # fmt: skip
                 _write(rows_path, seed, rows)
                 print(f"{phase} seed {seed} VGF {spec}: {time.process_time() - tick:.0f} CPU s so far", flush=True)
-    report(args.out)
+    report(args.out, args.png)
 
 
 def _write(path: Path, seed: int, rows: list[dict]) -> None:
@@ -326,13 +329,13 @@ def _write(path: Path, seed: int, rows: list[dict]) -> None:
             handle.write(json.dumps({"seed": seed, **row}) + "\n")
 
 
-def report(out: Path) -> None:
+def report(out: Path, png: Path) -> None:
     rows = [json.loads(line) for line in (out / "llm_frontier.jsonl").read_text().splitlines()]
     summaries = aggregate(rows)
     (out / "llm_frontier_summary.json").write_text(json.dumps(summaries, indent=1))
     (out / "llm_frontier.md").write_text(table(summaries) + "\n")
     seeds, units = sorted({r["seed"] for r in rows}), max(s["units"] for s in summaries)
-    plot(summaries, out / "llm_frontier.png",
+    plot(summaries, png,
          f"SmolLM2-135M answers, proxy r = MiniLM + head fitted to VADER, gold = VADER gated by fluency; "
          f"{units} (prompt, seed) pairs, seeds {seeds}")  # fmt: skip
     print(table(summaries))
@@ -352,11 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--beta-sizes", type=int, nargs="*", default=[8], help="best-of-N sizes with the base-model term")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--png", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "llm_frontier.png")
     parser.add_argument("--plot-only", action="store_true", help="redraw the table and PNG from the JSONL")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.plot_only:
-        report(args.out)
+        report(args.out, args.png)
     else:
         run(args)
     return 0
