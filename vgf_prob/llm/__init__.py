@@ -5,7 +5,10 @@
     refinement = VGFRefiner(reward_model, flow, base=BaseLanguageModel(lm, lm_tokenizer))(prompts, responses)
 
 ``responses`` are N samples per prompt from the base model (``BaseLanguageModel.sample``); ``BestOfN`` and
-``PlainSampling`` take the same arguments and return the same per-prompt reports. ``vgf_prob.llm.demo`` runs
+``PlainSampling`` take the same arguments and return the same per-prompt reports, with ``refinement.cost``
+(reward-model and base-model passes, counted where they run). ``preference_pairs(refinement)`` exports
+(prompt, refined, sampled) rows in TRL's DPO format; ``vgf_prob.llm.judge`` has the gold scorer and judges of
+the benchmark and recipe. ``vgf_prob.llm.demo`` runs
 the whole pipeline offline on a CPU (``vgf-prob llm``).
 """
 
@@ -20,6 +23,8 @@ from vgf_prob.llm.embedding_space import (
     check_tokenizer,
     tokenize_responses,
 )
+from vgf_prob.llm.export import preference_pairs
+from vgf_prob.llm.judge import FluencyGatedSentiment, ScoreJudge, vader_compound
 from vgf_prob.llm.reference import BaseLanguageModel, load_smollm2, smollm2_gguf_path
 from vgf_prob.llm.refine import (
     BestOfN,
@@ -42,6 +47,7 @@ __all__ = [
     "BaseLanguageModel",
     "BestOfN",
     "ComputeCost",
+    "FluencyGatedSentiment",
     "LastTokenScorer",
     "MeanPoolRewardModel",
     "NearestTokenDecoder",
@@ -51,6 +57,7 @@ __all__ = [
     "ResponseProjection",
     "ResponseValue",
     "RewardModel",
+    "ScoreJudge",
     "TokenizedResponses",
     "VGFRefiner",
     "chat_template",
@@ -61,7 +68,9 @@ __all__ = [
     "edit_distance",
     "fit_reward_head",
     "load_smollm2",
+    "preference_pairs",
     "rewrite_response",
     "smollm2_gguf_path",
     "tokenize_responses",
+    "vader_compound",
 ]
