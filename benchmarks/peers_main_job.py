@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return merge(args.merge, args.out, args.peers_from)
     torch.set_num_threads(1)
-    from vgf_prob.rl.peers import _quiet_d3rlpy, load_dataset, train_peer
+    from vgf_prob.rl.peers import quiet_d3rlpy, load_dataset, train_peer
 
-    _quiet_d3rlpy()
+    quiet_d3rlpy()
     dataset, env_name = load_dataset(args.dataset, args.episodes)
     train_set, norm = _normalizer(dataset, args.normalize_obs)
     record: dict[str, Any] = {"argv": sys.argv[1:], "dataset": args.dataset, "transitions": len(dataset), "runs": []}

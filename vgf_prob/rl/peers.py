@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     torch.set_num_threads(args.threads)
-    _quiet_d3rlpy()
+    quiet_d3rlpy()
     write = _RowFile(args.out / "eval.csv")
     rows = []
     for name in args.algos:
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _quiet_d3rlpy() -> None:
+def quiet_d3rlpy() -> None:
     """d3rlpy logs every fit's setup through structlog at INFO; keep warnings only."""
     import logging
 
