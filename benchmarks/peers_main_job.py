@@ -9,8 +9,9 @@ Per seed: VGF (the quick start's agent, `QUICKSTART_AGENT`, plus ``--config`` ov
 `vgf_prob.rl.run.trainer.train`; then on the episodes seeded ``seed + k`` (as `vgf-prob train --seed S` evaluates):
 the BC reference, best-of-N (N = the agent's), best-of-M at matched compute for each L_test, VGF at each
 L_test, and the d3rlpy peers (`vgf_prob.rl.peers`, the same transitions). Matched compute is counted from the
-config (the operator's exact counters had not landed when this was written): per state, a BC Euler step of
-one particle is one critic-pass equivalent, a critic forward one, a flow step (forward + backward) two, so
+config, and equals what the operator's counters (`vgf_prob.cost`) count (tests/test_peers.py): per state, a
+BC Euler step of one particle is one critic-pass equivalent, a critic forward one, a flow step (forward +
+backward) two, so
 
     VGF(N, K, L) = N (K + 1 + 2 L),   best-of-M = M (K + 1),   M = round(N (K + 1 + 2 L) / (K + 1)).
 

@@ -136,3 +136,30 @@ def test_candidate_behaviours_spin_and_bias():
     for _ in range(20):
         Behaviour(0.5, spin=True)(obs, a), Behaviour(0.5)(obs, b)
     assert a.random() == b.random()
+
+
+def test_matched_best_of_n_costs_what_the_operator_counts():
+    """The benchmark's cost model N (K + 1 + 2 L) = M (K + 1) against the operator's exact counters."""
+    import importlib.util
+    from pathlib import Path
+
+    from vgf_prob.cost import measure
+    from vgf_prob.rl.agent import VGFAgent
+    from vgf_prob.rl.config import VGFConfig
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "peers_main_job.py"
+    spec = importlib.util.spec_from_file_location("peers_main_job", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = VGFConfig.from_dict({**bench.QUICKSTART_AGENT, "critic_hidden_dims": (8,), "bc_hidden_dims": (8,)})
+    agent = VGFAgent(10, 2, config)
+    obs, g = torch.randn(3, 10), torch.Generator().manual_seed(0)
+    n, k = config.num_particles, config.flow_steps
+    for budget in (1, 3, 8):
+        with measure() as vgf:
+            agent.act(obs, budget=budget, generator=g)
+        m = bench.matched_n(n, k, budget)
+        with measure() as best_of_m:
+            agent.act(obs, budget=0, generator=g, num_particles=m)
+        assert vgf.per_state()["passes"] == n * (k + 1 + 2 * budget)
+        assert abs(best_of_m.per_state()["passes"] - vgf.per_state()["passes"]) <= (k + 1) / 2  # M is rounded
