@@ -284,3 +284,13 @@ def test_success_is_the_final_steps_flag_and_actions_reach_the_env_inside_the_bo
                       envs=[env])  # fmt: skip
     assert result.score_kind == "success_rate" and result.success_rate == 0.0  # successful mid-way, not at the end
     np.testing.assert_array_equal(np.stack(env.received), np.tile([1.0, -0.25], (6, 1)))
+
+
+def test_matched_budget_reads_back_the_budget_each_matched_policy_was_named_for():
+    from vgf_prob.rl.evaluate import matched_budget, matched_policies
+
+    names = [p.name for p in matched_policies([0, 1, 3, 8], num_particles=10, flow_steps=10)]
+    assert [matched_budget(n) for n in names] == [1, 3, 8]
+    assert names[2].startswith("best-of-M=25 ")  # 10 (10 + 1 + 2 * 8) / (10 + 1) = 24.5, rounded up
+    for other in ("VGF", "best-of-N", "BC reference", "best-of-M=12 (matched to VGF L_test=x)"):
+        assert matched_budget(other) is None

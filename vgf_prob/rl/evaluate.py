@@ -379,6 +379,13 @@ def standard_policies(budgets: Sequence[float], budget_type: str = "steps", max_
 
 
 MATCHED_PREFIX = "best-of-M="  # the name of every compute-matched best-of-M policy begins so
+_MATCHED_NAME = re.compile(re.escape(MATCHED_PREFIX) + r"\d+ \(matched to VGF L_test=(\d+)\)$")
+
+
+def matched_budget(policy: str) -> int | None:
+    """The VGF step budget L a `matched_policies` name was matched to, or None for any other policy."""
+    found = _MATCHED_NAME.match(policy)
+    return None if found is None else int(found.group(1))
 
 
 def matched_policies(budgets: Sequence[float], num_particles: int, flow_steps: int) -> list[Policy]:

@@ -38,6 +38,9 @@ SCORE_LABELS = {
 """Axis label of each ``score_kind`` of `vgf_prob.rl.evaluate.EvalResult`."""
 
 
+_SERIES_COLORS = ("tab:green", "tab:purple", "tab:brown", "tab:pink")  # labelled curves beside VGF's blue
+
+
 def plot_learning_curve(
     source: str | Path | Rows,
     out_png: str | Path,
@@ -153,7 +156,7 @@ def plot_budget_sweep(
             spread = ref.get(std_key)
             if spread:
                 ax.axhspan(value - spread, value + spread, color=color, alpha=0.12)
-        for label in dict.fromkeys(row.get("label") for row in rows):
+        for i, label in enumerate(dict.fromkeys(row.get("label") for row in rows)):
             series = [row for row in rows if row.get("label") == label]
             if steps and label is None and any(row["budget"] == 0 for row in series):
                 base = next(row for row in series if row["budget"] == 0)
@@ -170,7 +173,7 @@ def plot_budget_sweep(
                 marker="o",
                 capsize=4,
                 label=label,
-                color="tab:blue" if label == "VGF" else None,
+                color="tab:blue" if label == "VGF" else _SERIES_COLORS[i % len(_SERIES_COLORS)],
             )
         if steps:
             ax.set_xticks(sorted({int(row["budget"]) for row in rows}))
