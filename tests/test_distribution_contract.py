@@ -20,6 +20,7 @@ from pyro.distributions.testing.gof import auto_goodness_of_fit
 from pyro.infer import MCMC, NUTS, SVI, JitTrace_ELBO, Trace_ELBO
 from torch import Tensor
 
+from vgf_prob import validation_enabled
 from vgf_prob.distributions import (
     Boltzmann,
     DiagonalNormal,
@@ -36,10 +37,13 @@ TEST_FAILURE_RATE = 5e-4  # pyro's threshold on goodness-of-fit p-values
 
 @pytest.fixture(autouse=True)
 def single_thread_and_clean_store():
+    """One thread, an empty param store and validation on: the contract must not depend on process-wide state
+    that another library set (importing torchrl's modules turns torch's distribution validation off)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     pyro.clear_param_store()
-    yield
+    with validation_enabled(True):
+        yield
     torch.set_num_threads(threads)
 
 
