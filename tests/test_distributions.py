@@ -8,6 +8,7 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch import Tensor, nn
 
+from vgf_prob import validation_enabled
 from vgf_prob.distributions.boltzmann import Boltzmann
 from vgf_prob.distributions.flow_matching import FlowMatchingPolicy
 from vgf_prob.distributions.gaussian import DiagonalNormal, GaussianPolicy
@@ -428,29 +429,32 @@ def test_bad_observations_raise(name: str) -> None:
 
 
 def test_boltzmann_errors() -> None:
-    obs = torch.zeros(3, OBS_DIM)
-    target = Boltzmann(two_head_value, obs, 1.0, action_dim=ACTION_DIM)
-    with pytest.raises(NotImplementedError, match="base/proposal"):
-        target.sample()
-    with pytest.raises(NotImplementedError, match="base/proposal"):
-        target.sample_particles(4)
-    with pytest.raises(ValueError, match="event_shape"):
-        target.log_prob(torch.zeros(3, 3))
-    with pytest.raises(ValueError, match="to be within the support"):
-        target.log_prob(torch.tensor([[0.0, float("nan")]]).expand(3, 2))
-    with pytest.raises(ValueError, match=r"particles must have shape \(3,\) \+ \(N, 2\)"):
-        target.particle_log_prob(torch.zeros(4, 3, ACTION_DIM))
-    with pytest.raises(ValueError, match="value must return"):
-        Boltzmann(lambda o, a: a[..., 0, 0], obs, 1.0, action_dim=ACTION_DIM).particle_log_prob(
-            torch.zeros(3, 4, ACTION_DIM))
-    with pytest.raises(ValueError, match="base distribution or action_dim"):
-        Boltzmann(two_head_value, obs, 1.0)
-    with pytest.raises(ValueError, match="alpha must be a positive scalar"):
-        Boltzmann(two_head_value, obs, 0.0, action_dim=ACTION_DIM)
-    with pytest.raises(ValueError, match="aggregation"):
-        Boltzmann(two_head_value, obs, 1.0, aggregation="max", action_dim=ACTION_DIM)
-    with pytest.raises(ValueError, match="batch_shape"):
-        Boltzmann(two_head_value, obs, 1.0, base=MixtureReference(torch.zeros(2, ACTION_DIM), 1.0)(torch.zeros(4, 1)))
+    """Validation errors, with validation on: another library (torchrl, torch.compile) may have switched torch's
+    process-wide default off before this test runs."""
+    with validation_enabled(True):
+        obs = torch.zeros(3, OBS_DIM)
+        target = Boltzmann(two_head_value, obs, 1.0, action_dim=ACTION_DIM)
+        with pytest.raises(NotImplementedError, match="base/proposal"):
+            target.sample()
+        with pytest.raises(NotImplementedError, match="base/proposal"):
+            target.sample_particles(4)
+        with pytest.raises(ValueError, match="event_shape"):
+            target.log_prob(torch.zeros(3, 3))
+        with pytest.raises(ValueError, match="to be within the support"):
+            target.log_prob(torch.tensor([[0.0, float("nan")]]).expand(3, 2))
+        with pytest.raises(ValueError, match=r"particles must have shape \(3,\) \+ \(N, 2\)"):
+            target.particle_log_prob(torch.zeros(4, 3, ACTION_DIM))
+        with pytest.raises(ValueError, match="value must return"):
+            Boltzmann(lambda o, a: a[..., 0, 0], obs, 1.0, action_dim=ACTION_DIM).particle_log_prob(
+                torch.zeros(3, 4, ACTION_DIM))
+        with pytest.raises(ValueError, match="base distribution or action_dim"):
+            Boltzmann(two_head_value, obs, 1.0)
+        with pytest.raises(ValueError, match="alpha must be a positive scalar"):
+            Boltzmann(two_head_value, obs, 0.0, action_dim=ACTION_DIM)
+        with pytest.raises(ValueError, match="aggregation"):
+            Boltzmann(two_head_value, obs, 1.0, aggregation="max", action_dim=ACTION_DIM)
+        with pytest.raises(ValueError, match="batch_shape"):
+            Boltzmann(two_head_value, obs, 1.0, base=MixtureReference(torch.zeros(2, ACTION_DIM), 1.0)(torch.zeros(4, 1)))
 
 
 def test_mixture_errors() -> None:
