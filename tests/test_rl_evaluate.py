@@ -294,3 +294,17 @@ def test_matched_budget_reads_back_the_budget_each_matched_policy_was_named_for(
     assert names[2].startswith("best-of-M=25 ")  # 10 (10 + 1 + 2 * 8) / (10 + 1) = 24.5, rounded up
     for other in ("VGF", "best-of-N", "BC reference", "best-of-M=12 (matched to VGF L_test=x)"):
         assert matched_budget(other) is None
+
+
+def test_a_zero_step_time_limit_is_refused_not_replaced_by_the_default():
+    from vgf_prob.rl.envs import make_env
+
+    with pytest.raises(ValueError, match="max_episode_steps must be at least 1, got 0"):
+        make_env("reacher-spin-v0", max_episode_steps=0)
+    env = make_env("reacher-spin-v0", max_episode_steps=3)
+    try:
+        env.reset(seed=0)
+        steps = [env.step(env.action_space.sample()) for _ in range(3)]
+        assert steps[-1][3] and not any(s[3] for s in steps[:-1])  # truncated exactly at the third step
+    finally:
+        env.close()

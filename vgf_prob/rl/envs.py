@@ -167,7 +167,9 @@ def make_env(env_name: str, seed: int | None = None, max_episode_steps: int | No
     replaces the time limit; ``env_kwargs`` go to the environment's constructor.
     """
     key, family = resolve_env_name(env_name)
-    limit = max_episode_steps or family.max_episode_steps
+    if max_episode_steps is not None and max_episode_steps < 1:
+        raise ValueError(f"max_episode_steps must be at least 1, got {max_episode_steps!r}")
+    limit = family.max_episode_steps if max_episode_steps is None else max_episode_steps
     make_kwargs = {} if limit is None else {"max_episode_steps": limit}
     with quiet_env_warnings():
         env = _make(env_name, family, make_kwargs, env_kwargs)

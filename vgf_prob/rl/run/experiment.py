@@ -117,7 +117,7 @@ def new_run_dir(name: str, seed: int) -> Path:
 def newest_run_dir(spec: TrainSpec) -> Path:
     """The newest ``runs/<dataset name>-seed<seed>-*`` (the quick start's name without a dataset)."""
     name = Path(spec.dataset or QUICKSTART.dataset).stem.replace("/", "-")
-    prefix = f"{name}-seed{spec.seed or 0}-"
+    prefix = f"{name}-seed{0 if spec.seed is None else spec.seed}-"
     runs = sorted(p for p in Path("runs").glob(prefix + "*") if p.is_dir())
     if not runs:
         raise TrainingSetupError(f"--resume: no run directory runs/{prefix}* to resume (pass --out)")
@@ -167,9 +167,9 @@ def _load_file(path: Path, env: str | None, task_id: int | None, device: str) ->
     if path.suffix.lower() == ".npz":
         dataset, _ = data.load_ogbench(path, task_id=task_id, device=device)
         name = dataset.metadata["env_name"]
-        return dataset, env or name, name
-    env = env or _d4rl_name_from_file(path)
-    return data.load_d4rl_hdf5(path, env_name=env, device=device), env, env or path.stem
+        return dataset, name if env is None else env, name
+    env = _d4rl_name_from_file(path) if env is None else env
+    return data.load_d4rl_hdf5(path, env_name=env, device=device), env, path.stem if env is None else env
 
 
 def _local_minari(spec: str) -> str:
@@ -248,7 +248,7 @@ def build_config(
 def resolved_config(spec: TrainSpec):
     """The config a spec would train with, from names alone (no data is read); a ``preset`` without a
     ``dataset`` shows that preset as a full-size run would use it."""
-    source = spec.preset_source or "offline"
+    source = "offline" if spec.preset_source is None else spec.preset_source
     name = spec.preset if spec.dataset is None else Path(spec.dataset).stem
     return build_config(spec.preset, name or "", spec.overrides, source)
 
@@ -300,7 +300,7 @@ def evaluate_checkpoint(
         threads = run["threads"]
     if threads is not None:
         torch.set_num_threads(threads)
-    env_name = env or run.get("env_name")
+    env_name = run.get("env_name") if env is None else env
     if env_name is None:
         raise TrainingSetupError(f"{path} does not record an environment; pass --env")
     agent = restore_agent(payload, device)

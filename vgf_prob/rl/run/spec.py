@@ -88,13 +88,14 @@ class TrainSpec:
         """
         steps = _positive("steps", 1_000_000 if self.steps is None else self.steps)
         spec = dataclasses.replace(
-            self, steps=steps, device=self.device or "cpu", preset_source=self.preset_source or "offline",
+            self, steps=steps, device="cpu" if self.device is None else self.device,
+            preset_source="offline" if self.preset_source is None else self.preset_source,
             seed=0 if self.seed is None else self.seed,
             eval_episodes=10 if self.eval_episodes is None else self.eval_episodes,
             budgets=(0, 1, 2, 3) if self.budgets is None else self.budgets,
             log_every=max(1, steps // 100) if self.log_every is None else self.log_every,
             checkpoint_every=max(1, steps // 10) if self.checkpoint_every is None else self.checkpoint_every,
-            progress=True if self.progress is None else self.progress, log=self.log or ("csv",),
+            progress=True if self.progress is None else self.progress, log=("csv",) if self.log is None else self.log,
             allow_nonfinite=bool(self.allow_nonfinite),
         )  # fmt: skip
         spec._check()
