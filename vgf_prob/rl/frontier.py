@@ -191,7 +191,9 @@ def plot_frontier(
         axis.set_xscale("log")
         axis.set_xlabel(name)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("score")
+    aggregated = all("runs" in row for row in rows)  # `aggregate_frontier` rows: IQM with a bootstrap interval
+    axes[0].set_ylabel("score: IQM over runs, 95 % bootstrap interval" if aggregated
+                       else "score, 95 % interval over episodes")
     axes[0].legend()
     figure.suptitle(title)
     figure.tight_layout()
