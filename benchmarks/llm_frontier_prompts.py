@@ -1,17 +1,13 @@
 """The prompts of the LLM frontier benchmark (benchmarks/llm_frontier.py): mundane topics, so sentiment is open.
 
-TRAIN prompts' samples fit the proxy reward model and fix the fluency gate; TEST prompts are held out.
+TRAIN prompts' samples fit the proxy reward model and fix the fluency gate; TEST prompts are held out. Each list
+begins with the LLM demo's own prompts (`vgf_prob.llm.demo`) and adds more.
 """
 
-TRAIN_PROMPTS = (
-    "Write one sentence about your morning commute.",
-    "Describe the weather today in one sentence.",
-    "Write one sentence about a Monday at the office.",
-    "Describe a meal you ate recently in one sentence.",
-    "Write one sentence about waiting in line at the bank.",
-    "Describe your neighbour's dog in one sentence.",
-    "Write one sentence about a long train journey.",
-    "Describe a city park in one sentence.",
+from vgf_prob.llm.demo import TEST_PROMPTS as DEMO_TEST_PROMPTS
+from vgf_prob.llm.demo import TRAIN_PROMPTS as DEMO_TRAIN_PROMPTS
+
+TRAIN_PROMPTS = DEMO_TRAIN_PROMPTS + (
     "Write one sentence about filling in a tax form.",
     "Describe a supermarket on a Saturday in one sentence.",
     "Write one sentence about a power cut at home.",
@@ -21,13 +17,7 @@ TRAIN_PROMPTS = (
     "Write one sentence about moving house.",
     "Describe a winter evening in one sentence.",
 )
-TEST_PROMPTS = (
-    "Write one sentence about doing laundry.",
-    "Describe a visit to the dentist in one sentence.",
-    "Write one sentence about a rainy weekend.",
-    "Describe your first day at a new job in one sentence.",
-    "Write one sentence about cleaning the kitchen.",
-    "Describe a bus stop in one sentence.",
+TEST_PROMPTS = DEMO_TEST_PROMPTS + (
     "Write one sentence about a delayed flight.",
     "Describe a library in one sentence.",
     "Write one sentence about learning to cook.",
